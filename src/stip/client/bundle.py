@@ -1,0 +1,116 @@
+"""The client bundle: everything P3 needs and nothing more.
+
+On disk (``OUT/client``):
+    manifest.json           model type, shapes, key fingerprint, which files are here
+    config.json             the model's config (shapes, label names)
+    embeddings.safetensors  the embedding module's weights, unpermuted (P3's own side)
+    key.stip                the client key: π and π_c (mode 0600)
+    tokenizer / image-processor files copied from the source model
+No transformer-layer weight and no per-layer permutation is ever part of it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import keys
+from ..keys import ClientKey, InvalidKey
+from . import embed as embed_
+
+FORMAT = "stip-client/1"
+MANIFEST, CONFIG, TENSORS, KEY = "manifest.json", "config.json", "embeddings.safetensors", "key.stip"
+
+
+class InvalidBundle(ValueError):
+    pass
+
+
+def permute(x: torch.Tensor, p: np.ndarray) -> torch.Tensor:
+    """x permuted by p along the last dimension: ``x[..., p]``."""
+    return x.index_select(-1, torch.tensor(p, dtype=torch.long, device=x.device))
+
+
+def unpermute(x: torch.Tensor, p: np.ndarray) -> torch.Tensor:
+    """Undo ``permute(·, p)``."""
+    return permute(x, keys.invert(p))
+
+
+@dataclass
+class ClientBundle:
+    config: object  # transformers.PretrainedConfig
+    key: ClientKey
+    tensors: dict[str, torch.Tensor]
+    preprocessing: list[str] = field(default_factory=list)
+    _embedder: torch.nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.key.fingerprint
+
+    @property
+    def embedder(self) -> torch.nn.Module:
+        if self._embedder is None:
+            self._embedder = embed_.build(self.config, self.tensors)
+        return self._embedder
+
+    def manifest(self) -> dict:
+        c = self.config
+        return {
+            "format": FORMAT,
+            "model_type": c.model_type,
+            "architecture": self.key.model.get("architecture"),
+            "fingerprint": self.key.fingerprint,
+            "modality": self.embedder.modality,
+            "hidden_size": len(self.key.pi),
+            "output_size": len(self.key.pi_c),
+            "embedding_tensors": {n: list(t.shape) for n, t in sorted(self.tensors.items())},
+            "preprocessing": sorted(self.preprocessing),
+        }
+
+    def save(self, folder: str | Path, preprocessing: list[str] | None = None) -> Path:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if preprocessing is not None:
+            self.preprocessing = list(preprocessing)
+        self.config.save_pretrained(folder)
+        save_file({n: t.contiguous() for n, t in self.tensors.items()}, folder / TENSORS, metadata={"format": "pt"})
+        self.key.save(folder / KEY)
+        (folder / MANIFEST).write_text(json.dumps(self.manifest(), indent=2) + "\n")
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "ClientBundle":
+        import transformers
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text())
+        except FileNotFoundError:
+            raise InvalidBundle(f"{folder} is not a stip client folder (no {MANIFEST})") from None
+        except json.JSONDecodeError as e:
+            raise InvalidBundle(f"{folder / MANIFEST} is not valid JSON ({e})") from None
+        if manifest.get("format") != FORMAT:
+            raise InvalidBundle(f"{folder / MANIFEST} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+        key = keys.load(folder / KEY)
+        if not isinstance(key, ClientKey):
+            raise InvalidKey(f"{folder / KEY} is a provider key; the client folder must hold only the client key")
+        if key.fingerprint != manifest["fingerprint"]:
+            raise InvalidBundle(
+                f"{folder}: the key's fingerprint {key.fingerprint[:16]}… does not match the manifest's "
+                f"{manifest['fingerprint'][:16]}…"
+            )
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        tensors = load_file(folder / TENSORS)
+        expected = {n: list(s) for n, s in manifest["embedding_tensors"].items()}
+        found = {n: list(t.shape) for n, t in tensors.items()}
+        if found != expected:
+            raise InvalidBundle(f"{folder / TENSORS} does not hold the tensors its manifest lists")
+        return cls(config=config, key=key, tensors=tensors, preprocessing=manifest.get("preprocessing", []))

@@ -1,0 +1,1 @@
+"""Models that ship with stip or exist for the baselines."""

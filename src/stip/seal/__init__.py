@@ -1,0 +1,217 @@
+"""P1's side: seal a Hugging Face model with a secret key.
+
+    sealed = seal(model)                  # in memory: Sealed(server, client, key)
+    sealed = seal(model, key)             # with a key drawn earlier for this model
+    seal_folder("path/to/hf-model", "out")  # on disk: out/server, out/client, out/provider
+
+One module per architecture family (bert, gpt2, llama, vit, swin), each reading like its
+table in stip-algebra.md, behind one dispatch on ``config.model_type``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Callable
+
+import torch
+
+from .. import keys as keys_
+from ..client.bundle import ClientBundle
+from ..keys import Key
+from . import bert, gpt2, llama, swin, vit
+
+FAMILIES: tuple[ModuleType, ...] = (bert, gpt2, llama, vit, swin)
+SERVER_META = "stip"  # the config.json entry that tells P2 what is client-side
+
+
+class UnsupportedModel(ValueError):
+    pass
+
+
+def supported() -> dict[str, tuple[str, ...]]:
+    """model_type -> supported architecture classes."""
+    return {t: fam.ARCHITECTURES for fam in FAMILIES for t in fam.MODEL_TYPES}
+
+
+def family_of(model) -> ModuleType:
+    mt = getattr(model.config, "model_type", None)
+    arch = type(model).__name__
+    for fam in FAMILIES:
+        if mt in fam.MODEL_TYPES:
+            if arch not in fam.ARCHITECTURES:
+                raise UnsupportedModel(
+                    f"{arch} is not supported for model_type {mt!r}; supported: {', '.join(fam.ARCHITECTURES)}"
+                )
+            return fam
+    listing = "; ".join(f"{t}: {', '.join(a)}" for t, a in supported().items())
+    raise UnsupportedModel(f"model_type {mt!r} ({arch}) is not supported. Supported architectures — {listing}")
+
+
+def base_prefix(model) -> str:
+    """The prefix that head models put before base-model names ('bert.', 'transformer.', …)."""
+    p = getattr(model, "base_model_prefix", "")
+    return f"{p}." if p and hasattr(model, p) else ""
+
+
+def identity(model) -> dict:
+    """Who the key belongs to: architecture and a SHA-256 over config and weights."""
+    h = hashlib.sha256()
+    cfg = model.config.to_dict()
+    for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures"):
+        cfg.pop(volatile, None)
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return {"model_type": model.config.model_type, "architecture": type(model).__name__, "digest": h.hexdigest()}
+
+
+@dataclass
+class Sealed:
+    """The three shares of one sealing: P2's model, P3's bundle, P1's key."""
+
+    server: torch.nn.Module
+    client: ClientBundle
+    key: Key
+
+
+def seal(model, key: Key | None = None, *, step: Callable[[str], None] = lambda _: None) -> Sealed:
+    """Seal ``model`` (left untouched) with ``key``, or with a freshly drawn one."""
+    fam = family_of(model)
+    layout = fam.layout(model)
+    ident = identity(model)
+    if key is None:
+        key = keys_.generate(layout, ident)
+    else:
+        key.matches(layout, ident)
+    client_side = fam.client_side(model)
+    prefix = base_prefix(model)
+    state = model.state_dict()
+    client_tensors = {name.removeprefix(prefix): state[name].detach().clone() for name in client_side}
+
+    server = copy.deepcopy(model).eval()
+    fam.seal_(server, key, step)
+    sd = server.state_dict()
+    with torch.no_grad():
+        for name in client_side:
+            sd[name].zero_()  # P2 never holds P3's tables, not even in memory
+    _server_config(server.config, key, client_side)
+
+    bundle = ClientBundle(config=copy.deepcopy(model.config), key=key.client_key(), tensors=client_tensors)
+    return Sealed(server=server, client=bundle, key=key)
+
+
+def _server_config(config, key: Key, client_side: dict[str, str]) -> None:
+    """Strip from P2's config what identifies the user-facing model beyond its shapes."""
+    config._name_or_path = ""
+    n = getattr(config, "num_labels", None)
+    if getattr(config, "id2label", None) and n:
+        # Label names stay with P3 (and P2's outputs are in π_c order anyway).
+        config.id2label = {i: f"LABEL_{i}" for i in range(n)}
+        config.label2id = {v: k for k, v in config.id2label.items()}
+    setattr(
+        config,
+        SERVER_META,
+        {
+            "format": 1,
+            "fingerprint": key.fingerprint,
+            "client_side": sorted(n for n, how in client_side.items() if how == "drop"),
+            "zeroed": sorted(n for n, how in client_side.items() if how == "zero"),
+        },
+    )
+
+
+# --- on disk --------------------------------------------------------------------------------------
+
+SERVER, CLIENT, PROVIDER = "server", "client", "provider"
+KEY_FILE = "key.stip"
+PREPROCESSING_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "preprocessor_config.json",
+)
+
+
+def load_source(src: str | Path):
+    """Load a local Hugging Face model folder (never a hub id: nothing is downloaded)."""
+    import transformers
+
+    src = Path(src)
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{src} is not a local Hugging Face model folder (no config.json)")
+    config = transformers.AutoConfig.from_pretrained(src, local_files_only=True)
+    archs = getattr(config, "architectures", None) or []
+    mt = config.model_type
+    allowed = supported().get(mt)
+    if allowed is None:
+        listing = "; ".join(f"{t}: {', '.join(a)}" for t, a in supported().items())
+        raise UnsupportedModel(f"model_type {mt!r} is not supported. Supported architectures — {listing}")
+    arch = next((a for a in archs if a in allowed), None)
+    if arch is None:
+        raise UnsupportedModel(
+            f"{src} declares architectures {archs or '(none)'}; supported for {mt!r}: {', '.join(allowed)}"
+        )
+    model = getattr(transformers, arch).from_pretrained(src, local_files_only=True, dtype=torch.float32)
+    return model.eval()
+
+
+def seal_folder(
+    src: str | Path,
+    out: str | Path,
+    key: Key | None = None,
+    *,
+    step: Callable[[str], None] = lambda _: None,
+    force: bool = False,
+) -> Sealed:
+    """Seal the model in ``src`` and write out/server, out/client and out/provider."""
+    src, out = Path(src), Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise FileExistsError(f"{out} exists and is not empty (pass force=True / --force to replace it)")
+        for part in (SERVER, CLIENT, PROVIDER):
+            shutil.rmtree(out / part, ignore_errors=True)
+    model = load_source(src)
+    step("loaded")
+    sealed = seal(model, key, step=step)
+    write(sealed, out, preprocessing_from=src)
+    step("written")
+    return sealed
+
+
+def write(sealed: Sealed, out: str | Path, preprocessing_from: str | Path | None = None) -> None:
+    out = Path(out)
+    server_dir, client_dir, provider_dir = out / SERVER, out / CLIENT, out / PROVIDER
+    for d in (server_dir, client_dir, provider_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    provider_dir.chmod(0o700)
+
+    meta = sealed.server.config.stip
+    state = {
+        name: t.contiguous()
+        for name, t in sealed.server.state_dict().items()
+        if name not in set(meta["client_side"])
+    }
+    sealed.server.save_pretrained(server_dir, state_dict=state)
+
+    files = []
+    if preprocessing_from is not None:
+        for name in PREPROCESSING_FILES:
+            f = Path(preprocessing_from) / name
+            if f.is_file():
+                shutil.copy2(f, client_dir / name)
+                files.append(name)
+    sealed.client.save(client_dir, preprocessing=files)
+    sealed.key.save(provider_dir / KEY_FILE)
