@@ -40,6 +40,10 @@ def unpermute(x: torch.Tensor, p: np.ndarray) -> torch.Tensor:
     return permute(x, keys.invert(p))
 
 
+# Which part of the client key undoes each output the server can return.
+OUTPUT_PERMUTATION = {"last_hidden_state": "pi", "pooler_output": "pi_c", "logits": "pi_c"}
+
+
 @dataclass
 class ClientBundle:
     config: object  # transformers.PretrainedConfig
@@ -57,6 +61,19 @@ class ClientBundle:
         if self._embedder is None:
             self._embedder = embed_.build(self.config, self.tensors)
         return self._embedder
+
+    def permuted_embeddings(self, *args, **kwargs) -> torch.Tensor:
+        """Embed locally (text: token ids; images: pixel values), then permute by π."""
+        return permute(self.embedder(*args, **kwargs), self.key.pi)
+
+    def unpermute_outputs(self, outputs: dict) -> dict:
+        """Restore the server's permuted outputs: hidden states by π, pooled output and
+        logits by π_c. Anything else (e.g. a KV cache handle) is returned as it is."""
+        restored = {}
+        for name, value in outputs.items():
+            which = OUTPUT_PERMUTATION.get(name)
+            restored[name] = value if which is None or value is None else unpermute(value, getattr(self.key, which))
+        return restored
 
     def manifest(self) -> dict:
         c = self.config

@@ -1,0 +1,168 @@
+"""Sealed == original, per family, on random small configs (random γ/β on every norm)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import transformers as T
+from hypothesis import given, settings
+
+import harness
+from stip import keys
+from stip.seal import UnsupportedModel, llama, rules, seal, supported
+
+EXAMPLES = settings(max_examples=30)
+
+
+@EXAMPLES
+@given(harness.text_shape())
+def test_bert_base(s):
+    harness.assert_equivalent(harness.bert_case(s, "BertModel"))
+
+
+@EXAMPLES
+@given(harness.text_shape())
+def test_bert_sequence_classification(s):
+    harness.assert_equivalent(harness.bert_case(s, "BertForSequenceClassification"))
+
+
+@settings(max_examples=5)
+@given(harness.text_shape())
+def test_bert_token_classification(s):
+    harness.assert_equivalent(harness.bert_case(s, "BertForTokenClassification"))
+
+
+@EXAMPLES
+@given(harness.text_shape())
+def test_gpt2(s):
+    harness.assert_equivalent(harness.gpt2_case(s))
+
+
+@EXAMPLES
+@given(harness.text_shape(gqa=True))
+def test_llama_gqa(s):
+    harness.assert_equivalent(harness.llama_case(s, "llama"))
+
+
+@EXAMPLES
+@given(harness.text_shape(gqa=True))
+def test_qwen2_gqa_biases(s):
+    harness.assert_equivalent(harness.llama_case(s, "qwen2"))
+
+
+@settings(max_examples=5)
+@given(harness.text_shape(gqa=True))
+def test_llama_tied_embeddings_are_untied(s):
+    case = harness.llama_case(s, "llama", tie=True)
+    sealed = seal(case.model)
+    assert sealed.server.lm_head.weight is not sealed.server.get_input_embeddings().weight
+    assert sealed.server.config.tie_word_embeddings is False
+    harness.assert_equivalent(case, sealed)
+
+
+@EXAMPLES
+@given(harness.vision_shape())
+def test_vit(s):
+    harness.assert_equivalent(harness.vit_case(s))
+
+
+@EXAMPLES
+@given(harness.swin_shape())
+def test_swin(s):
+    harness.assert_equivalent(harness.swin_case(s))
+
+
+def test_original_model_is_untouched():
+    case = harness.bert_case(_fixed_shape(), "BertForSequenceClassification")
+    before = {k: v.clone() for k, v in case.model.state_dict().items()}
+    seal(case.model)
+    after = case.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_server_holds_no_client_table():
+    case = harness.gpt2_case(_fixed_shape())
+    server = seal(case.model).server
+    assert not server.transformer.wte.weight.any()
+    assert not server.transformer.wpe.weight.any()
+
+
+# --- the harness can fail: each rule is load-bearing ------------------------------------------------
+
+
+def _fixed_shape(**over):
+    s = dict(heads=4, kv_heads=2, head_dim=4, layers=2, ffn=24, vocab=40, batch=2, seq=6, lengths=[6, 3], seed=7)
+    s.update(over)
+    return s
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "vit", "swin"])
+def test_forgotten_norm_permutation_is_caught(family, monkeypatch):
+    case = {
+        "bert": lambda: harness.bert_case(_fixed_shape(kv_heads=4), "BertModel"),
+        "gpt2": lambda: harness.gpt2_case(_fixed_shape(kv_heads=4)),
+        "llama": lambda: harness.llama_case(_fixed_shape()),
+        "vit": lambda: harness.vit_case(dict(heads=2, head_dim=4, layers=1, ffn=16, patch=2, grid=2, batch=2, labels=5, seed=3)),
+        "swin": lambda: harness.swin_case(dict(embed=8, depths=[1, 1], heads=[2, 2], window=2, patch=1, batch=2, labels=5, seed=3)),
+    }[family]()
+    real_norm, calls = rules.norm, []
+
+    def forgetful(mod, p):
+        calls.append(mod)
+        if len(calls) > 1:  # skip the first norm only
+            real_norm(mod, p)
+
+    monkeypatch.setattr(rules, "norm", forgetful)
+    with pytest.raises(AssertionError):
+        harness.assert_equivalent(case)
+
+
+def test_rope_forbids_shuffles_inside_heads(monkeypatch):
+    """Shuffling inside Q/K heads, which is fine without RoPE, breaks LLaMA."""
+    real = llama.layout
+
+    def no_rope(model):
+        return {n: replace(s, rope=False) if isinstance(s, keys.Attention) else s for n, s in real(model).items()}
+
+    monkeypatch.setattr(llama, "layout", no_rope)
+    with pytest.raises(AssertionError):
+        harness.assert_equivalent(harness.llama_case(_fixed_shape()))
+
+
+def test_unsupported_architecture_lists_the_supported_ones():
+    model = T.DistilBertModel(T.DistilBertConfig(dim=16, n_layers=1, n_heads=2, hidden_dim=32, vocab_size=30))
+    with pytest.raises(UnsupportedModel) as e:
+        seal(model)
+    for arch in ("BertModel", "GPT2LMHeadModel", "LlamaForCausalLM", "Qwen2ForCausalLM", "ViTForImageClassification", "SwinForImageClassification"):
+        assert arch in str(e.value)
+
+
+def test_unsupported_head_of_a_supported_family():
+    model = T.BertForMaskedLM(T.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=30))
+    with pytest.raises(UnsupportedModel, match="BertForMaskedLM is not supported"):
+        seal(model)
+
+
+def test_supported_lists_every_family():
+    assert set(supported()) >= {"bert", "gpt2", "llama", "qwen2", "vit", "swin"}
+
+
+def test_key_of_another_model_is_refused():
+    a = harness.bert_case(_fixed_shape(kv_heads=4, seed=1), "BertModel").model
+    b = harness.bert_case(_fixed_shape(kv_heads=4, seed=2), "BertModel").model
+    with pytest.raises(keys.InvalidKey, match="belongs to model"):
+        seal(b, seal(a).key)
+
+
+def test_permutations_are_applied_by_gather_not_dense_matrices():
+    """A sealed weight is a re-indexing of the original: same multiset of values."""
+    case = harness.gpt2_case(_fixed_shape(kv_heads=4))
+    sealed = seal(case.model).server
+    w0 = case.model.transformer.h[0].mlp.c_fc.weight.detach().flatten().sort().values
+    w1 = sealed.transformer.h[0].mlp.c_fc.weight.detach().flatten().sort().values
+    assert torch.equal(w0, w1)
+    assert not torch.equal(case.model.transformer.h[0].mlp.c_fc.weight, sealed.transformer.h[0].mlp.c_fc.weight)
+    assert np.array_equal(np.sort(seal(case.model).key.pi), np.arange(case.model.config.n_embd))
