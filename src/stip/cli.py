@@ -25,7 +25,7 @@ out = Console()
 
 
 def fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -33,7 +33,7 @@ def fail(message: str, code: int = 1) -> None:
 def seal(
     src: Optional[Path] = typer.Argument(None, help="Local Hugging Face model folder (config.json + weights)."),
     out_dir: Optional[Path] = typer.Argument(None, metavar="OUT", help="Folder to write server/, client/ and provider/ into."),
-    default: Optional[Path] = typer.Option(None, "--default", metavar="OUT", help=f"Seal the embedded default model into OUT."),
+    default: Optional[Path] = typer.Option(None, "--default", metavar="OUT", help="Seal the embedded default model (all-MiniLM-L6-v2) into OUT."),
     force: bool = typer.Option(False, "--force", help="Replace an existing, non-empty OUT."),
 ) -> None:
     """Draw a secret key and seal a model (P1).
@@ -43,7 +43,7 @@ def seal(
     (the full key, keep it private). Prints the key fingerprint.
     """
     from .models import default as default_model
-    from .seal import UnsupportedModel, seal_folder, load_source
+    from .seal import UnsupportedModel, seal_folder
 
     if default is not None:
         if src is not None or out_dir is not None:
@@ -53,21 +53,20 @@ def seal(
         fail("usage: stip seal SRC OUT  |  stip seal --default OUT")
 
     try:
-        with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=err, transient=False) as progress:
-            task = progress.add_task(f"sealing {src.name}", total=None)
+        from transformers import AutoConfig
+
+        if not (src / "config.json").is_file():
+            raise FileNotFoundError(f"{src} is not a local Hugging Face model folder (no config.json)")
+        cfg = AutoConfig.from_pretrained(src, local_files_only=True)
+        steps = (getattr(cfg, "num_hidden_layers", None) or sum(getattr(cfg, "depths", None) or [0])) + 3
+        columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
+        with Progress(*columns, console=err) as progress:
+            task = progress.add_task(f"sealing {src.name}", total=steps)
 
             def step(what: str) -> None:
                 progress.update(task, advance=1, description=f"sealing: {what}")
 
-            from transformers import AutoConfig
-
-            if not (src / "config.json").is_file():
-                raise FileNotFoundError(f"{src} is not a local Hugging Face model folder (no config.json)")
-            cfg = AutoConfig.from_pretrained(src, local_files_only=True)
-            layers = getattr(cfg, "num_hidden_layers", None) or sum(getattr(cfg, "depths", []) or [0])
-            progress.update(task, total=layers + 3)
             sealed = seal_folder(src, out_dir, step=step, force=force)
-            progress.update(task, description="sealed")
     except (FileNotFoundError, FileExistsError, UnsupportedModel, ValueError, OSError) as e:
         fail(str(e))
     out.print(f"sealed [bold]{sealed.key.model['architecture']}[/] into {out_dir}")
@@ -92,7 +91,7 @@ def audit(
         fail(str(e))
     if violations:
         for v in violations:
-            err.print(f"[bold red]VIOLATION[/] {v}", highlight=False)
+            err.print(f"[bold red]VIOLATION[/] {v}", highlight=False, soft_wrap=True)
         err.print(f"audit failed: {len(violations)} violation(s) in {out_dir}")
         raise typer.Exit(1)
     checked = "server/, client/, provider/" + (f", against {original}" if original else "")
