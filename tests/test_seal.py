@@ -166,3 +166,45 @@ def test_permutations_are_applied_by_gather_not_dense_matrices():
     assert torch.equal(w0, w1)
     assert not torch.equal(case.model.transformer.h[0].mlp.c_fc.weight, sealed.transformer.h[0].mlp.c_fc.weight)
     assert np.array_equal(np.sort(seal(case.model).key.pi), np.arange(case.model.config.n_embd))
+
+
+# --- on disk: what P2 and P3 load from their folders ---------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["bert", "bert-cls", "gpt2", "llama", "qwen2", "vit", "swin"])
+def test_disk_round_trip(family, tmp_path):
+    """seal_folder, then P2 loads server/ with from_pretrained and P3 loads client/:
+    the outputs still equal the original's."""
+    from stip.client import ClientBundle
+    from stip.seal import Sealed, seal_folder
+    from stip.serve import engine
+
+    case = {
+        "bert": lambda: harness.bert_case(_fixed_shape(kv_heads=4), "BertModel"),
+        "bert-cls": lambda: harness.bert_case(_fixed_shape(kv_heads=4), "BertForSequenceClassification"),
+        "gpt2": lambda: harness.gpt2_case(_fixed_shape(kv_heads=4)),
+        "llama": lambda: harness.llama_case(_fixed_shape(), "llama", tie=True),
+        "qwen2": lambda: harness.llama_case(_fixed_shape(), "qwen2"),
+        "vit": lambda: harness.vit_case(dict(heads=2, head_dim=4, layers=2, ffn=16, patch=2, grid=3, batch=2, labels=5, seed=3)),
+        "swin": lambda: harness.swin_case(dict(embed=8, depths=[2, 1], heads=[2, 4], window=2, patch=1, batch=2, labels=5, seed=3)),
+    }[family]()
+    src, out = tmp_path / "src", tmp_path / "out"
+    case.model.save_pretrained(src)
+    key = seal_folder(src, out).key
+    loaded = Sealed(server=engine.load(out / "server"), client=ClientBundle.load(out / "client"), key=key)
+    assert engine.fingerprint(loaded.server) == key.fingerprint == loaded.client.fingerprint
+    harness.assert_equivalent(case, loaded)
+
+
+def test_label_names_stay_with_the_client(tmp_path):
+    from stip.seal import seal_folder
+
+    case = harness.bert_case(_fixed_shape(kv_heads=4), "BertForSequenceClassification")
+    n = case.model.config.num_labels
+    case.model.config.id2label = {i: f"secret-{i}" for i in range(n)}
+    case.model.config.label2id = {v: k for k, v in case.model.config.id2label.items()}
+    case.model.save_pretrained(tmp_path / "src")
+    seal_folder(tmp_path / "src", tmp_path / "out")
+    assert "secret-" not in (tmp_path / "out/server/config.json").read_text()
+    assert "secret-0" in (tmp_path / "out/client/config.json").read_text()
+    assert '"stip"' not in (tmp_path / "out/client/config.json").read_text()

@@ -82,8 +82,13 @@ class Sealed:
     key: Key
 
 
-def seal(model, key: Key | None = None, *, step: Callable[[str], None] = lambda _: None) -> Sealed:
-    """Seal ``model`` (left untouched) with ``key``, or with a freshly drawn one."""
+def seal(
+    model, key: Key | None = None, *, inplace: bool = False, step: Callable[[str], None] = lambda _: None
+) -> Sealed:
+    """Seal ``model`` with ``key``, or with a freshly drawn one.
+
+    The model is left untouched unless ``inplace`` (which spares a second copy of the weights
+    when the original is not needed afterwards)."""
     fam = family_of(model)
     layout = fam.layout(model)
     ident = identity(model)
@@ -95,16 +100,15 @@ def seal(model, key: Key | None = None, *, step: Callable[[str], None] = lambda 
     prefix = base_prefix(model)
     state = model.state_dict()
     client_tensors = {name.removeprefix(prefix): state[name].detach().clone() for name in client_side}
+    bundle = ClientBundle(config=copy.deepcopy(model.config), key=key.client_key(), tensors=client_tensors)
 
-    server = copy.deepcopy(model).eval()
+    server = (model if inplace else copy.deepcopy(model)).eval()
     fam.seal_(server, key, step)
     sd = server.state_dict()
     with torch.no_grad():
         for name in client_side:
             sd[name].zero_()  # P2 never holds P3's tables, not even in memory
     _server_config(server.config, key, client_side)
-
-    bundle = ClientBundle(config=copy.deepcopy(model.config), key=key.client_key(), tensors=client_tensors)
     return Sealed(server=server, client=bundle, key=key)
 
 
@@ -185,7 +189,7 @@ def seal_folder(
             shutil.rmtree(out / part, ignore_errors=True)
     model = load_source(src)
     step("loaded")
-    sealed = seal(model, key, step=step)
+    sealed = seal(model, key, inplace=True, step=step)
     write(sealed, out, preprocessing_from=src)
     step("written")
     return sealed
