@@ -98,6 +98,183 @@ def audit(
     out.print(f"[green]audit passed[/]: {checked}")
 
 
+def _read_token(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        token = path.read_text().strip()
+    except OSError as e:
+        fail(f"cannot read token file {path}: {e.strerror or e}")
+    if not token:
+        fail(f"token file {path} is empty")
+    return token
+
+
+@app.command()
+def serve(
+    server_dir: Path = typer.Argument(..., metavar="OUT/server", help="The sealed checkpoint folder (never client/ or provider/)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind."),
+    port: int = typer.Option(8000, help="Port to bind; 0 picks a free one (printed on stdout)."),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="File holding the bearer token clients must send."),
+    max_batch: int = typer.Option(32, help="Largest batch accepted."),
+    max_tokens: Optional[int] = typer.Option(None, help="Longest sequence accepted (default: the model's position limit)."),
+    max_body_mb: float = typer.Option(64.0, help="Largest request body, in MiB."),
+    max_sessions: int = typer.Option(64, help="Generation sessions open at once."),
+    session_idle: float = typer.Option(300.0, help="Seconds after which an idle session expires."),
+) -> None:
+    """Serve a sealed checkpoint (P2): permuted embeddings in, permuted outputs out."""
+    import socket
+
+    import uvicorn
+
+    from .serve.app import Limits, create_app
+    from .serve.engine import NotSealed
+    from .serve.process import READY_PREFIX
+
+    token = _read_token(token_file)
+    if token is None and host not in ("127.0.0.1", "localhost", "::1"):
+        err.print(f"[yellow]warning:[/] serving on {host} without --token-file: anyone who reaches it can query the model")
+    limits = Limits(
+        max_body_bytes=int(max_body_mb * (1 << 20)),
+        max_batch=max_batch,
+        max_tokens=max_tokens,
+        max_sessions=max_sessions,
+        session_idle_seconds=session_idle,
+    )
+    try:
+        api = create_app(server_dir, token=token, limits=limits)
+    except (NotSealed, OSError, ValueError) as e:
+        fail(str(e))
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        fail(f"cannot bind {host}:{port}: {e.strerror or e}")
+    sock.listen(128)
+    bound = sock.getsockname()[1]
+    model = api.state.model
+    print(f"{READY_PREFIX}http://{host}:{bound} ({type(model).__name__}, fingerprint {model.config.stip['fingerprint'][:16]}…)", flush=True)
+    server = uvicorn.Server(uvicorn.Config(api, log_level="warning", access_log=False))
+    server.run(sockets=[sock])
+
+
+def _client(client_dir: Path, server: str, token_file: Path | None):
+    from .client.api import Client
+    from .client.bundle import InvalidBundle
+    from .keys import InvalidKey
+
+    try:
+        return Client(client_dir, server, token=_read_token(token_file))
+    except (InvalidBundle, InvalidKey, OSError, ValueError) as e:
+        fail(str(e))
+
+
+def _run_client(fn):
+    """Call the server; turn its refusals and transport failures into one clear line."""
+    import httpx
+
+    from .client.api import KeyMismatch, ServerError
+
+    try:
+        return fn()
+    except ServerError as e:
+        fail(str(e))
+    except KeyMismatch as e:
+        fail(str(e))
+    except httpx.TransportError as e:
+        fail(f"cannot reach the server: {e}")
+    except (ValueError, OSError) as e:
+        fail(str(e))
+
+
+@app.command()
+def query(
+    client_dir: Path = typer.Argument(..., metavar="OUT/client", help="The client folder P1 handed over."),
+    items: list[str] = typer.Argument(..., metavar="TEXT...|IMAGE...", help="Texts, or image files for vision models."),
+    server: str = typer.Option(..., "--server", help="The cloud's URL, e.g. http://127.0.0.1:8000"),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="File holding the bearer token."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Query a sealed model as the user (P3): embed and permute locally, send, un-permute.
+
+    Encoders give hidden states and a sentence embedding; classifiers give logits and labels."""
+    import json
+
+    c = _client(client_dir, server, token_file)
+    with c:
+        info = _run_client(c.info)
+        if info["causal"]:
+            fail("this is a causal language model: use `stip generate`")
+        if "logits" in info["outputs"]:
+            r = _run_client(lambda: c.classify(items))
+            if as_json:
+                print(json.dumps({"logits": r.logits.tolist(), "label": r.labels}))
+                return
+            for item, label in zip(items, r.labels):
+                out.print(f"{label}\t{item}", highlight=False, soft_wrap=True)
+        else:
+            r = _run_client(lambda: c.encode(items))
+            if as_json:
+                lengths = r.attention_mask.sum(1).tolist()
+                hidden = [h[:n].tolist() for h, n in zip(r.last_hidden_state, lengths)]
+                print(json.dumps({"last_hidden_state": hidden, "embedding": r.embedding.tolist()}))
+                return
+            for item, e, n in zip(items, r.embedding, r.attention_mask.sum(1).tolist()):
+                head = ", ".join(f"{v:+.4f}" for v in e[:4].tolist())
+                out.print(f"{n:>4} tokens  [{head}, …] ({e.numel()} dims)  {item}", highlight=False, soft_wrap=True)
+        s = c.stats
+        err.print(f"{s.requests} request(s), {s.bytes_up} B up, {s.bytes_down} B down, cloud {s.server_seconds * 1e3:.1f} ms, client {s.client_seconds * 1e3:.1f} ms")
+
+
+@app.command()
+def generate(
+    client_dir: Path = typer.Argument(..., metavar="OUT/client", help="The client folder P1 handed over."),
+    prompt: Optional[str] = typer.Argument(None, help="The prompt text."),
+    server: str = typer.Option(..., "--server", help="The cloud's URL."),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="File holding the bearer token."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
+    greedy: bool = typer.Option(False, "--greedy", help="Pick the most likely token (the default unless a sampling option is given)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sample with this temperature."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Sample from the smallest set with this much probability."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling, for repeatable output."),
+    ids: Optional[str] = typer.Option(None, "--ids", help="Comma-separated prompt token ids instead of text (models without a tokenizer)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Generate text from a sealed causal LM as the user (P3), one round trip per token;
+    sampling happens locally, the KV cache stays in the cloud."""
+    import json
+
+    sampling = any(v is not None for v in (temperature, top_p, seed))
+    if greedy and sampling:
+        fail("--greedy cannot be combined with --temperature, --top-p or --seed")
+    if (prompt is None) == (ids is None):
+        fail("give a PROMPT or --ids, not both")
+    try:
+        prompt_in = [int(t) for t in ids.split(",")] if ids is not None else prompt
+    except ValueError:
+        fail("--ids takes comma-separated integers")
+    c = _client(client_dir, server, token_file)
+    with c:
+        r = _run_client(
+            lambda: c.generate(
+                prompt_in,
+                max_new_tokens,
+                greedy=not sampling,
+                temperature=temperature if temperature is not None else 1.0,
+                top_p=top_p if top_p is not None else 1.0,
+                seed=seed,
+            )
+        )
+        if as_json:
+            print(json.dumps({"text": r.text, "token_ids": r.token_ids}))
+        else:
+            out.print(r.text if r.text is not None else " ".join(map(str, r.token_ids)), highlight=False, soft_wrap=True)
+        s = c.stats
+        err.print(f"{len(r.token_ids)} tokens, {s.requests} round trips, {s.bytes_up} B up, {s.bytes_down} B down")
+
+
 @app.command()
 def demo() -> None:
     """Seal the embedded MiniLM into a temporary folder, audit it, and check that the sealed

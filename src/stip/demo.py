@@ -1,12 +1,13 @@
-"""``stip demo``: the provider's side, end to end on the embedded MiniLM.
+"""``stip demo`` (what ``make demo`` runs): the three-party flow on the embedded MiniLM.
 
-Seals the model into a temporary folder, audits the three shares against the original,
-then loads the sealed checkpoint the way the cloud does and the client folder the way the
-user does, and checks that sentence embeddings through the sealed path equal plaintext.
+P1 seals the model into a temporary folder and audits it; P2 is ``stip serve`` started as a
+subprocess on a free loopback port, loading only ``server/``; P3 is the Python client,
+loading only ``client/``. The answers are checked against the plaintext model.
 """
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -19,50 +20,85 @@ SENTENCES = [
     "The model provider draws secret permutations and seals the weights.",
     "A permutation hides the order of coordinates, not their values.",
     "Paris is the capital of France.",
+    "How many parties does the protocol need?",
+    "Sealing changes no arithmetic, so the outputs are the same.",
+    "The cloud never sees the key.",
+    "Thank you!",
 ]
+ROUNDS = 5
+MIN_COSINE = 1 - 1e-5
 
 
 def run(out, err) -> int:
-    from transformers import AutoTokenizer
-
     from . import audit, seal
-    from .client import ClientBundle, permute, unpermute
+    from .client.api import Client
     from .models import default
-    from .serve import engine
+    from .serve.process import ServerProcess
 
     src = default.path()
     with tempfile.TemporaryDirectory(prefix="stip-demo-") as tmp:
-        t0 = time.perf_counter()
+        tmp = Path(tmp)
+        out.print(f"[bold]P1[/] seals {default.NAME} …")
         sealed = seal.seal_folder(src, tmp)
-        t_seal = time.perf_counter() - t0
-        out.print(f"sealed {default.NAME} in {t_seal:.2f} s — fingerprint {sealed.key.fingerprint[:16]}…")
-
+        out.print(f"    fingerprint {sealed.key.fingerprint}")
         violations = audit.audit(tmp, original=src)
         for v in violations:
-            err.print(f"[bold red]VIOLATION[/] {v}", highlight=False)
-        out.print("audit: " + ("[green]passed[/]" if not violations else f"[red]{len(violations)} violation(s)[/]"))
+            err.print(f"[bold red]VIOLATION[/] {v}", highlight=False, soft_wrap=True)
+        out.print("    audit " + ("[green]passed[/]" if not violations else f"[red]failed: {len(violations)} violation(s)[/]"))
+        del sealed  # P1 is done; the other two parties load only their own folders
 
-        server = engine.load(Path(tmp) / seal.SERVER)  # P2 loads only server/
-        client = ClientBundle.load(Path(tmp) / seal.CLIENT)  # P3 loads only client/
-        tok = AutoTokenizer.from_pretrained(Path(tmp) / seal.CLIENT, local_files_only=True)
-        batch = tok(SENTENCES, padding=True, return_tensors="pt")
+        token = "demo-" + tmp.name
+        (tmp / "token").write_text(token)
+        out.print("[bold]P2[/] starts [italic]stip serve server/[/] on a free loopback port …")
+        with ServerProcess(tmp / seal.SERVER, token_file=tmp / "token") as srv:
+            out.print(f"    {srv.url}")
+            out.print(f"[bold]P3[/] embeds {len(SENTENCES)} sentences locally and queries the cloud …")
+            with Client(tmp / seal.CLIENT, srv.url, token=token) as client:
+                client.encode(SENTENCES[:1])  # warm-up
+                runs = []
+                for _ in range(ROUNDS):
+                    client.stats = type(client.stats)()
+                    t0 = time.perf_counter()
+                    enc = client.encode(SENTENCES)
+                    wall = time.perf_counter() - t0
+                    runs.append((wall, client.stats))
 
         plain_model = seal.load_source(src)
+        batch = client.tokenizer(SENTENCES, padding=True, return_tensors="pt")
         with torch.no_grad():
-            plain = plain_model(**batch).last_hidden_state
-            x = permute(client.embedder(batch["input_ids"], token_type_ids=batch.get("token_type_ids")), client.key.pi)
-            hidden = engine.forward(server, x, batch["attention_mask"])["last_hidden_state"]
-            hidden = unpermute(hidden, client.key.pi)
-        e_plain = default.mean_pool(plain, batch["attention_mask"])
-        e_sealed = default.mean_pool(hidden, batch["attention_mask"])
-        cos = torch.nn.functional.cosine_similarity(e_plain, e_sealed)
-        max_err = float((plain - hidden).abs().max())
+            plain_model(**batch)  # warm-up
+            times = []
+            for _ in range(ROUNDS):
+                t0 = time.perf_counter()
+                plain = plain_model(**batch).last_hidden_state
+                times.append(time.perf_counter() - t0)
+        mask = batch["attention_mask"]
+        e_plain = torch.nn.functional.normalize(default.mean_pool(plain, mask), dim=-1)
+        cos = torch.nn.functional.cosine_similarity(e_plain, enc.embedding)
+        keep = mask.bool()
+        max_err = float((plain[keep] - enc.last_hidden_state[keep]).abs().max())
 
-    table = Table(title="sealed vs plaintext: MiniLM-L6 loaded from disk")
-    for col in ("sentences", "tokens", "max |Δ| hidden", "min cosine"):
-        table.add_column(col, justify="right")
-    table.add_row(str(len(SENTENCES)), str(int(batch["attention_mask"].sum())), f"{max_err:.1e}", f"{float(cos.min()):.7f}")
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    stats = [s for _, s in runs]
+    table = Table(title=f"STIP over loopback: {default.NAME}, {len(SENTENCES)} sentences, median of {ROUNDS} runs")
+    table.add_column("")
+    table.add_column("", justify="right")
+    rows = {
+        "tokens": str(int(mask.sum())),
+        "max |Δ| hidden state": f"{max_err:.1e}",
+        "min cosine vs plaintext": f"{float(cos.min()):.7f}",
+        "end to end (P3 wall)": f"{med([w for w, _ in runs]) * 1e3:.1f} ms",
+        "cloud compute (P2)": f"{med([s.server_seconds for s in stats]) * 1e3:.1f} ms",
+        "client: embed, permute, un-permute, pool": f"{med([s.client_seconds for s in stats]) * 1e3:.1f} ms",
+        "bytes up / down": f"{stats[-1].bytes_up:,} / {stats[-1].bytes_down:,}",
+        "plaintext forward, in process": f"{med(times) * 1e3:.1f} ms",
+    }
+    for k, v in rows.items():
+        table.add_row(k, v)
     out.print(table)
-    ok = not violations and float(cos.min()) >= 1 - 1e-5
-    out.print("[green]lossless: sealed outputs equal plaintext[/]" if ok else "[red]MISMATCH[/]")
+    ok = not violations and float(cos.min()) >= MIN_COSINE
+    if ok:
+        out.print(f"[green]lossless[/]: every sentence embedding matches plaintext (cosine ≥ {MIN_COSINE})")
+    else:
+        out.print("[red]MISMATCH[/]: the sealed path disagrees with plaintext" + (" (audit failed)" if violations else ""))
     return 0 if ok else 1

@@ -217,5 +217,16 @@ def write(sealed: Sealed, out: str | Path, preprocessing_from: str | Path | None
             if f.is_file():
                 shutil.copy2(f, client_dir / name)
                 files.append(name)
+    if sealed.client.embedder.modality == "image" and "preprocessor_config.json" not in files:
+        _default_image_processor(sealed.client.config).save_pretrained(client_dir)
+        files.append("preprocessor_config.json")
     sealed.client.save(client_dir, preprocessing=files)
     sealed.key.save(provider_dir / KEY_FILE)
+
+
+def _default_image_processor(config):
+    """For a source without one: resize to the model's input size, ImageNet-style normalisation."""
+    from transformers import ViTImageProcessor
+
+    size = config.image_size if isinstance(config.image_size, (list, tuple)) else (config.image_size, config.image_size)
+    return ViTImageProcessor(size={"height": int(size[0]), "width": int(size[1])})

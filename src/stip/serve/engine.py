@@ -131,3 +131,62 @@ def _swin(model, x):
     h = body.layernorm(h)
     pooled = torch.flatten(body.pooler(h.transpose(1, 2)), 1)
     return {"logits": model.classifier(pooled)}
+
+
+# --- shapes P2 may check inputs against (no secrets in any of them) ---------------------------------
+
+
+def is_causal(model) -> bool:
+    return model.config.model_type in CAUSAL_TYPES
+
+
+def input_dim(model) -> int:
+    """Width of the embeddings P3 sends."""
+    c = model.config
+    return c.embed_dim if c.model_type == "swin" else c.hidden_size
+
+
+def fixed_tokens(model) -> int | None:
+    """Vision models take exactly one token per patch (plus ViT's class token)."""
+    c = model.config
+    if c.model_type == "swin":
+        g = swin_grid(c)
+        return g[0] * g[1]
+    if c.model_type == "vit":
+        size = c.image_size if isinstance(c.image_size, int) else c.image_size[0]
+        patch = c.patch_size if isinstance(c.patch_size, int) else c.patch_size[0]
+        return (size // patch) ** 2 + 1
+    return None
+
+
+def max_positions(model) -> int | None:
+    c = model.config
+    for attr in ("max_position_embeddings", "n_positions"):
+        if getattr(c, attr, None):
+            return int(getattr(c, attr))
+    return fixed_tokens(model)
+
+
+def output_size(model) -> int:
+    c = model.config
+    if hasattr(model, "lm_head"):
+        return c.vocab_size
+    if hasattr(model, "classifier"):
+        return c.num_labels
+    return input_dim(model)
+
+
+def describe(model) -> dict:
+    """Model info for ``/v1/info``: architecture and shapes, nothing secret."""
+    c = model.config
+    return {
+        "architecture": type(model).__name__,
+        "model_type": c.model_type,
+        "fingerprint": fingerprint(model),
+        "input_dim": input_dim(model),
+        "output_size": output_size(model),
+        "outputs": list(outputs_of(model)),
+        "causal": is_causal(model),
+        "fixed_tokens": fixed_tokens(model),
+        "max_positions": max_positions(model),
+    }

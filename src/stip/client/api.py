@@ -1,0 +1,297 @@
+"""P3's client: tokenize or preprocess, embed, permute, send; un-permute, pool or sample.
+
+    with Client("out/client", "http://127.0.0.1:8000", token=token) as c:
+        c.encode(["a sentence"]).embedding          # encoders: mean-pooled sentence embedding
+        c.classify(["great film"]).labels            # classifiers (text, or image paths)
+        c.generate("Once upon a time", max_new_tokens=32).text   # causal LMs
+
+Nothing but permuted embeddings leaves this process; the key and the embedding tables stay.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import torch
+
+from .. import wire
+from ..wire import MEDIA_TYPE
+from .bundle import ClientBundle
+from .embed import IMAGE
+
+
+class ServerError(RuntimeError):
+    """The server refused a request (4xx) or failed (5xx)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(f"server answered {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class KeyMismatch(RuntimeError):
+    """The server serves a different sealing than this client folder belongs to."""
+
+
+@dataclass
+class Stats:
+    requests: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    server_seconds: float = 0.0  # model compute reported by P2
+    round_trip_seconds: float = 0.0  # wall time of the HTTP calls
+    client_seconds: float = 0.0  # local embed, permute, un-permute, pool, sample
+
+
+@dataclass
+class Encoding:
+    last_hidden_state: torch.Tensor  # (batch, tokens, hidden), padded positions included
+    attention_mask: torch.Tensor
+    embedding: torch.Tensor  # (batch, hidden): mean over real tokens, L2-normalised
+    pooler_output: torch.Tensor | None = None
+
+
+@dataclass
+class Classification:
+    logits: torch.Tensor  # (batch, labels) or (batch, tokens, labels) for token classification
+    labels: list
+
+
+@dataclass
+class Generation:
+    text: str | None
+    token_ids: list[int]  # the new tokens only
+    prompt_ids: list[int] = field(default_factory=list)
+
+
+class Client:
+    def __init__(
+        self,
+        client_dir: str | Path,
+        server_url: str,
+        *,
+        token: str | None = None,
+        timeout: float = 120.0,
+        transport: httpx.BaseTransport | None = None,
+    ):
+        self.bundle = ClientBundle.load(client_dir)
+        self.folder = Path(client_dir)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=server_url.rstrip("/"), headers=headers, timeout=timeout, transport=transport)
+        self.stats = Stats()
+        self._info: dict | None = None
+        self._tokenizer = None
+        self._processor = None
+
+    # --- plumbing -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def info(self) -> dict:
+        """The server's model description; checked once against this folder's fingerprint."""
+        if self._info is None:
+            r = self.http.get("/v1/info")
+            _raise_for(r)
+            info = r.json()
+            if info.get("fingerprint") != self.bundle.fingerprint:
+                raise KeyMismatch(
+                    f"the server serves sealing {str(info.get('fingerprint'))[:16]}…, "
+                    f"but {self.folder} belongs to {self.bundle.fingerprint[:16]}…"
+                )
+            self._info = info
+        return self._info
+
+    def _post(self, path: str, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        self.info()
+        body = wire.encode(tensors)
+        t0 = time.perf_counter()
+        r = self.http.post(path, content=body, headers={"Content-Type": MEDIA_TYPE})
+        self.stats.round_trip_seconds += time.perf_counter() - t0
+        self.stats.requests += 1
+        self.stats.bytes_up += len(body)
+        self.stats.bytes_down += len(r.content)
+        _raise_for(r)
+        self.stats.server_seconds += float(r.headers.get("X-Stip-Compute-Ms", 0)) / 1e3
+        return wire.decode(r.content)
+
+    def _local(self, fn, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.stats.client_seconds += time.perf_counter() - t0
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            if not any((self.folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+                raise ValueError(f"{self.folder} has no tokenizer; pass token ids instead of text")
+            self._tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
+        return self._tokenizer
+
+    @property
+    def image_processor(self):
+        if self._processor is None:
+            from transformers import AutoImageProcessor
+
+            if not (self.folder / "preprocessor_config.json").is_file():
+                raise ValueError(f"{self.folder} has no image processor (preprocessor_config.json)")
+            self._processor = AutoImageProcessor.from_pretrained(self.folder, local_files_only=True)
+        return self._processor
+
+    # --- the protocol step: embed, permute, send, un-permute -----------------------------------
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One sealed forward. ``inputs``: ``input_ids`` (+ ``attention_mask``,
+        ``token_type_ids``) for text, ``pixel_values`` for images. Returns un-permuted outputs."""
+        b = self.bundle
+        if "pixel_values" in inputs:
+            message = {"embeddings": self._local(b.permuted_embeddings, inputs["pixel_values"])}
+        else:
+            x = self._local(b.permuted_embeddings, inputs["input_ids"], token_type_ids=inputs.get("token_type_ids"))
+            message = {"embeddings": x}
+            if inputs.get("attention_mask") is not None:
+                message["attention_mask"] = inputs["attention_mask"]
+        out, _ = self._post("/v1/forward", message)
+        return self._local(b.unpermute_outputs, out)
+
+    def _text(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        limit = self.info().get("max_positions")
+        return self._local(self.tokenizer, list(texts), padding=True, truncation=True, max_length=limit, return_tensors="pt")
+
+    def _images(self, paths: list[str | Path]) -> dict[str, torch.Tensor]:
+        from PIL import Image
+
+        def load():
+            images = []
+            for p in paths:
+                with Image.open(p) as im:
+                    images.append(im.convert("RGB"))
+            return {"pixel_values": self.image_processor(images, return_tensors="pt")["pixel_values"]}
+
+        return self._local(load)
+
+    def inputs_for(self, items: list) -> dict[str, torch.Tensor]:
+        """Tokenized texts, or preprocessed images (file paths) for vision models."""
+        if self.bundle.embedder.modality == IMAGE:
+            return self._images(items)
+        return self._text(items)
+
+    # --- what users call ------------------------------------------------------------------------
+
+    def encode(self, texts: list[str]) -> Encoding:
+        """Hidden states and a sentence embedding (mean pooling, L2-normalised)."""
+        from ..models.default import mean_pool
+
+        inputs = self._text(texts)
+        out = self.forward(inputs)
+        if "last_hidden_state" not in out:
+            raise ValueError(f"{self.info()['architecture']} returns {sorted(out)}, not hidden states; use classify()")
+        mask = inputs["attention_mask"]
+        emb = self._local(lambda: torch.nn.functional.normalize(mean_pool(out["last_hidden_state"], mask), dim=-1))
+        return Encoding(out["last_hidden_state"], mask, emb, out.get("pooler_output"))
+
+    def classify(self, items: list) -> Classification:
+        """Texts, or image file paths for ViT/Swin. Label names come from the client config."""
+        out = self.forward(self.inputs_for(items))
+        if "logits" not in out:
+            raise ValueError(f"{self.info()['architecture']} has no classification head; use encode()")
+        logits = out["logits"]
+        id2label = getattr(self.bundle.config, "id2label", None) or {}
+        ids = logits.argmax(-1)
+        labels = [id2label.get(int(i), str(int(i))) for i in ids.flatten()]
+        if logits.dim() == 3:
+            labels = [labels[i * ids.shape[1] : (i + 1) * ids.shape[1]] for i in range(ids.shape[0])]
+        return Classification(logits, labels)
+
+    def generate(
+        self,
+        prompt: str | list[int],
+        max_new_tokens: int = 32,
+        *,
+        greedy: bool = True,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_at_eos: bool = True,
+    ) -> Generation:
+        """Sample locally, one round trip per new token; the KV cache stays on the server."""
+        info = self.info()
+        if not info["causal"]:
+            raise ValueError(f"{info['architecture']} is not a causal language model")
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        if not greedy and (temperature <= 0 or not 0 < top_p <= 1):
+            raise ValueError("sampling needs temperature > 0 and 0 < top_p ≤ 1")
+        ids = list(prompt) if not isinstance(prompt, str) else self.tokenizer(prompt)["input_ids"]
+        if not ids:
+            raise ValueError("empty prompt")
+        limit = info.get("max_positions")
+        if limit and len(ids) + max_new_tokens > limit:
+            raise ValueError(f"prompt ({len(ids)}) + max_new_tokens ({max_new_tokens}) exceeds the model's {limit} positions")
+        eos = getattr(self.bundle.config, "eos_token_id", None) if stop_at_eos else None
+        eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        b = self.bundle
+
+        def embed(tokens: list[int], offset: int) -> torch.Tensor:
+            return b.permuted_embeddings(torch.tensor([tokens]), position_offset=offset)
+
+        def pick(permuted_logits: torch.Tensor) -> int:
+            logits = b.unpermute_outputs({"logits": permuted_logits})["logits"][0]
+            if greedy:
+                return int(logits.argmax())
+            return _sample(logits, temperature, top_p, gen)
+
+        out, meta = self._post("/v1/sessions", {"embeddings": self._local(embed, ids, 0)})
+        sid = meta["session"]
+        new: list[int] = []
+        try:
+            while True:
+                token = self._local(pick, out["logits"])
+                new.append(token)
+                if token in eos or len(new) == max_new_tokens:
+                    break
+                out, _ = self._post(f"/v1/sessions/{sid}/step", {"embeddings": self._local(embed, [token], len(ids) + len(new) - 1)})
+        finally:
+            self.http.delete(f"/v1/sessions/{sid}")
+        text = self.tokenizer.decode(new, skip_special_tokens=True) if self._has_tokenizer() else None
+        return Generation(text, new, ids)
+
+    def _has_tokenizer(self) -> bool:
+        try:
+            self.tokenizer
+            return True
+        except ValueError:
+            return False
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < top_p  # smallest prefix with mass ≥ top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def _raise_for(r: httpx.Response) -> None:
+    if r.status_code < 400:
+        return
+    try:
+        message = r.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = r.text[:200]
+    raise ServerError(r.status_code, message)

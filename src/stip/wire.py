@@ -1,0 +1,81 @@
+"""The one binary tensor codec P2 and P3 share: a safetensors blob, strictly validated.
+
+A message is a safetensors file in memory: named tensors plus string metadata. Never JSON
+lists of numbers. ``decode`` refuses anything it was not told to expect, so the server can
+answer bad input with a 4xx before it reaches the model.
+
+    blob = wire.encode({"embeddings": x}, meta={"session": sid})
+    tensors, meta = wire.decode(blob, {"embeddings": Spec(dtypes=FLOATS, ndim=3)})
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+
+import torch
+
+MEDIA_TYPE = "application/octet-stream"
+FLOATS = (torch.float32, torch.float16)
+INTS = (torch.int64, torch.int32, torch.bool)
+MAX_HEADER = 1 << 16
+
+
+class WireError(ValueError):
+    """A message that must be refused; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Spec:
+    dtypes: tuple[torch.dtype, ...]
+    ndim: int
+    required: bool = True
+
+
+def encode(tensors: dict[str, torch.Tensor], meta: dict[str, object] | None = None) -> bytes:
+    from safetensors.torch import save
+
+    meta_str = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (meta or {}).items()}
+    return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=meta_str or None)
+
+
+def decode(blob: bytes, expected: dict[str, Spec] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Parse and check one message. With ``expected``, every tensor must be listed there,
+    every required one present, with an allowed dtype and rank, and floats finite."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    if len(blob) < 8:
+        raise WireError("malformed body: not a safetensors message (too short)", 400)
+    (n,) = struct.unpack("<Q", blob[:8])
+    if n > MAX_HEADER or 8 + n > len(blob):
+        raise WireError("malformed body: bad safetensors header length", 400)
+    try:
+        header = json.loads(blob[8 : 8 + n])
+        tensors = load(blob)
+    except (SafetensorError, ValueError, UnicodeDecodeError) as e:
+        raise WireError(f"malformed body: {e}", 400) from None
+    meta = header.get("__metadata__") or {}
+    if expected is not None:
+        unknown = sorted(set(tensors) - set(expected))
+        if unknown:
+            raise WireError(f"unexpected tensor(s) {unknown}; this endpoint takes {sorted(expected)}")
+        for name, spec in expected.items():
+            t = tensors.get(name)
+            if t is None:
+                if spec.required:
+                    raise WireError(f"missing tensor {name!r}")
+                continue
+            if t.dtype not in spec.dtypes:
+                allowed = ", ".join(str(d).removeprefix("torch.") for d in spec.dtypes)
+                raise WireError(f"{name!r} has dtype {str(t.dtype).removeprefix('torch.')}; expected one of {allowed}")
+            if t.dim() != spec.ndim:
+                raise WireError(f"{name!r} has shape {list(t.shape)}; expected {spec.ndim} dimensions")
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise WireError(f"{name!r} contains NaN or Inf")
+    return tensors, meta
