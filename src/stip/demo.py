@@ -80,7 +80,7 @@ def run(out, err) -> int:
 
     med = lambda xs: statistics.median(xs)  # noqa: E731
     stats = [s for _, s in runs]
-    table = Table(title=f"STIP over loopback: {default.NAME}, {len(SENTENCES)} sentences, median of {ROUNDS} runs")
+    table = Table(title=f"STIP over loopback: {default.NAME}, {len(SENTENCES)} sentences, median of {ROUNDS} runs", show_header=False)
     table.add_column("")
     table.add_column("", justify="right")
     rows = {

@@ -128,11 +128,10 @@ def create_app(server_dir: str | Path, token: str | None = None, limits: Limits 
     async def read_body(request: Request) -> bytes:
         declared = request.headers.get("content-length")
         if declared is not None:
-            try:
-                if int(declared) > limits.max_body_bytes:
-                    raise WireError(f"body of {declared} bytes exceeds the limit of {limits.max_body_bytes}", 413)
-            except ValueError:
-                raise WireError("bad Content-Length", 400) from None
+            if not declared.isdigit():
+                raise WireError("bad Content-Length", 400)
+            if int(declared) > limits.max_body_bytes:
+                raise WireError(f"body of {declared} bytes exceeds the limit of {limits.max_body_bytes}", 413)
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
