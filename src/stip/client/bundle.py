@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +31,10 @@ class InvalidBundle(ValueError):
     pass
 
 
-def permute(x: torch.Tensor, p: np.ndarray) -> torch.Tensor:
+def permute(x: torch.Tensor, p: np.ndarray | torch.Tensor) -> torch.Tensor:
     """x permuted by p along the last dimension: ``x[..., p]``."""
-    return x.index_select(-1, torch.tensor(p, dtype=torch.long, device=x.device))
+    index = p if isinstance(p, torch.Tensor) else torch.tensor(p, dtype=torch.long)
+    return x.index_select(-1, index.to(x.device))
 
 
 def unpermute(x: torch.Tensor, p: np.ndarray) -> torch.Tensor:
@@ -62,9 +64,19 @@ class ClientBundle:
             self._embedder = embed_.build(self.config, self.tensors)
         return self._embedder
 
+    @cached_property
+    def _index(self) -> dict[str, torch.Tensor]:
+        """Gather indices, built once: per-token generation un-permutes a vocabulary-sized
+        vector every step."""
+        return {
+            "pi": torch.tensor(self.key.pi, dtype=torch.long),
+            "pi.inverse": torch.tensor(keys.invert(self.key.pi), dtype=torch.long),
+            "pi_c.inverse": torch.tensor(keys.invert(self.key.pi_c), dtype=torch.long),
+        }
+
     def permuted_embeddings(self, *args, **kwargs) -> torch.Tensor:
         """Embed locally (text: token ids; images: pixel values), then permute by π."""
-        return permute(self.embedder(*args, **kwargs), self.key.pi)
+        return permute(self.embedder(*args, **kwargs), self._index["pi"])
 
     def unpermute_outputs(self, outputs: dict) -> dict:
         """Restore the server's permuted outputs: hidden states by π, pooled output and
@@ -72,7 +84,7 @@ class ClientBundle:
         restored = {}
         for name, value in outputs.items():
             which = OUTPUT_PERMUTATION.get(name)
-            restored[name] = value if which is None or value is None else unpermute(value, getattr(self.key, which))
+            restored[name] = value if which is None or value is None else permute(value, self._index[which + ".inverse"])
         return restored
 
     def manifest(self) -> dict:
