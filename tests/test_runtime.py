@@ -106,6 +106,9 @@ def test_vit_classifier_gives_the_original_logits(tmp_path_factory, tmp_path):
     with ServerProcess(out / "server") as srv, Client(out / "client", srv.url) as c:
         got = c.classify(paths)
         pixels = c.image_processor([Image.open(p).convert("RGB") for p in paths], return_tensors="pt")["pixel_values"]
+        r = _cli("query", out / "client", "--server", srv.url, "--json", *paths)  # images as file paths
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["label"] == got.labels
     with torch.no_grad():
         ref = case.model(pixel_values=pixels).logits
     assert float((got.logits - ref).abs().max()) <= 1e-4
@@ -229,7 +232,8 @@ def test_unknown_and_expired_sessions(gpt2_server):
     assert r.status_code == 200
     sid = r.headers["X-Stip-Session"]
     assert wire.decode(r.content)[1]["session"] == sid
-    time.sleep(2.0)  # idle limit 1.5 s
+    time.sleep(2.5)  # idle limit 1.5 s; the server sweeps every 0.75 s
+    assert httpx.get(gpt2_server.url + "/v1/health").json()["open_sessions"] == 0  # freed while idle
     r = _post(gpt2_server, f"/v1/sessions/{sid}/step", wire.encode({"embeddings": x[:, :1]}), token=None)
     assert r.status_code == 410 and "expired" in r.json()["error"]["message"]
     assert httpx.delete(gpt2_server.url + f"/v1/sessions/{sid}").status_code == 410
@@ -249,7 +253,9 @@ def test_session_cap(gpt2_server):
     finally:
         for sid in opened:
             httpx.delete(gpt2_server.url + f"/v1/sessions/{sid}")
-    assert _post(gpt2_server, "/v1/sessions", x, token=None).status_code == 200
+    r = _post(gpt2_server, "/v1/sessions", x, token=None)  # room again
+    assert r.status_code == 200
+    httpx.delete(gpt2_server.url + f"/v1/sessions/{r.headers['X-Stip-Session']}")
 
 
 def test_session_too_long(gpt2_server):

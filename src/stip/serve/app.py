@@ -13,9 +13,11 @@ Bodies are ``stip.wire`` messages (safetensors). Every refusal is a 4xx JSON
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,7 +93,21 @@ def create_app(server_dir: str | Path, token: str | None = None, limits: Limits 
     sessions = SessionStore(limits.max_sessions, limits.session_idle_seconds)
     expected_token = token.encode() if token else None
 
+    @asynccontextmanager
+    async def lifespan(_app):
+        async def sweeper():
+            while True:
+                await asyncio.sleep(max(0.5, min(30.0, limits.session_idle_seconds / 2)))
+                sessions.sweep()
+
+        task = asyncio.create_task(sweeper())
+        try:
+            yield
+        finally:
+            task.cancel()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="stip cloud (P2)",
         version="1",
         description="Serves a sealed checkpoint: permuted embeddings in, permuted outputs out. "

@@ -73,6 +73,12 @@ class SessionStore:
             self._get(sid)
             del self._sessions[sid]  # an in-flight step finishes on its own reference
 
+    def sweep(self) -> None:
+        """Drop idle sessions now (also done on every access); the app calls it periodically
+        so that an idle server frees its caches."""
+        with self._lock:
+            self._sweep()
+
     def is_open(self, sid: str) -> bool:
         with self._lock:
             return sid in self._sessions
