@@ -108,14 +108,19 @@ def text_shape(draw, gqa: bool = False):
     )
 
 
+def _seeded(seed: int) -> torch.Generator:
+    """Seed torch's global generator (weight init) and return one for the inputs."""
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
 def _finish(model, gen) -> torch.nn.Module:
     randomize_norms(model, gen)
     return model.eval()
 
 
 def bert_case(s: dict, head: str) -> Case:
-    gen = torch.Generator().manual_seed(s["seed"])
-    torch.manual_seed(s["seed"])
+    gen = _seeded(s["seed"])
     cfg = T.BertConfig(
         hidden_size=s["heads"] * s["head_dim"],
         num_hidden_layers=s["layers"],
@@ -132,8 +137,7 @@ def bert_case(s: dict, head: str) -> Case:
 
 
 def gpt2_case(s: dict) -> Case:
-    gen = torch.Generator().manual_seed(s["seed"])
-    torch.manual_seed(s["seed"])
+    gen = _seeded(s["seed"])
     cfg = T.GPT2Config(
         n_embd=s["heads"] * s["head_dim"],
         n_layer=s["layers"],
@@ -151,8 +155,7 @@ def gpt2_case(s: dict) -> Case:
 
 
 def llama_case(s: dict, arch: str = "llama", tie: bool = False) -> Case:
-    gen = torch.Generator().manual_seed(s["seed"])
-    torch.manual_seed(s["seed"])
+    gen = _seeded(s["seed"])
     cfg_cls, model_cls = {"llama": (T.LlamaConfig, T.LlamaForCausalLM), "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM)}[arch]
     cfg = cfg_cls(
         hidden_size=s["heads"] * s["head_dim"],
@@ -197,8 +200,7 @@ def vision_shape(draw):
 
 
 def vit_case(s: dict) -> Case:
-    gen = torch.Generator().manual_seed(s["seed"])
-    torch.manual_seed(s["seed"])
+    gen = _seeded(s["seed"])
     size = s["patch"] * s["grid"]
     cfg = T.ViTConfig(
         hidden_size=s["heads"] * s["head_dim"],
@@ -231,8 +233,7 @@ def swin_shape(draw):
 
 
 def swin_case(s: dict) -> Case:
-    gen = torch.Generator().manual_seed(s["seed"])
-    torch.manual_seed(s["seed"])
+    gen = _seeded(s["seed"])
     stages = len(s["depths"])
     # Each stage halves the grid; the last stage's grid must still hold one window.
     size = s["patch"] * s["window"] * 2 ** (stages - 1)

@@ -183,6 +183,16 @@ def create_app(server_dir: str | Path, token: str | None = None, limits: Limits 
             raise WireError(f"{name!r} must hold values in {low}..{high - 1 if high is not None else '∞'}")
         return m
 
+    async def compute(x: torch.Tensor, **kwargs) -> tuple[dict, float]:
+        """The sealed forward in a worker thread (off the event loop), timed."""
+
+        def run():
+            t0 = time.perf_counter()
+            out = engine.forward(model, x, **kwargs)
+            return out, time.perf_counter() - t0
+
+        return await run_in_threadpool(run)
+
     def timed_response(outputs: dict[str, torch.Tensor], seconds: float, meta: dict | None = None, headers=None) -> Response:
         blob = wire.encode(outputs, meta)
         h = {"X-Stip-Compute-Ms": f"{seconds * 1e3:.3f}", **(headers or {})}
@@ -223,13 +233,7 @@ def create_app(server_dir: str | Path, token: str | None = None, limits: Limits 
         if mask is not None and fixed is not None:
             raise WireError("vision models take no 'attention_mask'")
         pos = per_token(tensors.get("position_ids"), x, "position_ids", 0, max_tokens)
-
-        def run():
-            t0 = time.perf_counter()
-            out = engine.forward(model, x, attention_mask=mask, position_ids=pos)
-            return out, time.perf_counter() - t0
-
-        out, seconds = await run_in_threadpool(run)
+        out, seconds = await compute(x, attention_mask=mask, position_ids=pos)
         return timed_response({k: v for k, v in out.items() if isinstance(v, torch.Tensor)}, seconds)
 
     session_spec = {"embeddings": Spec(FLOATS, 3)}
@@ -250,13 +254,7 @@ def create_app(server_dir: str | Path, token: str | None = None, limits: Limits 
         tensors, _ = wire.decode(await read_body(request), session_spec)
         x = check_embeddings(tensors["embeddings"], batch_one=True)
         sessions.reserve()
-
-        def run():
-            t0 = time.perf_counter()
-            out = engine.forward(model, x, use_cache=True)
-            return out, time.perf_counter() - t0
-
-        out, seconds = await run_in_threadpool(run)
+        out, seconds = await compute(x, use_cache=True)
         s = sessions.add(out["past_key_values"], x.shape[1])
         meta = {"session": s.id, "length": str(s.length)}
         return timed_response({"logits": out["logits"][:, -1, :]}, seconds, meta, {"X-Stip-Session": s.id})
@@ -274,13 +272,7 @@ def create_app(server_dir: str | Path, token: str | None = None, limits: Limits 
         s = sessions.acquire(session_id)
         try:
             x = check_embeddings(tensors["embeddings"], batch_one=True, past=s.length)
-
-            def run():
-                t0 = time.perf_counter()
-                out = engine.forward(model, x, past_key_values=s.cache, use_cache=True)
-                return out, time.perf_counter() - t0
-
-            out, seconds = await run_in_threadpool(run)
+            out, seconds = await compute(x, past_key_values=s.cache, use_cache=True)
             s.cache, s.length = out["past_key_values"], s.length + x.shape[1]
         finally:
             sessions.release(s)
