@@ -48,7 +48,7 @@ def audit(out: str | Path, original: str | Path | None = None) -> list[Violation
 
     provider_key = _provider(out / PROVIDER, found)
     client_fp = _client(out / CLIENT, found)
-    server_fp, server_tensors, skeleton = _server(out / SERVER, found)
+    server_fp, server_tensors = _server(out / SERVER, found)
 
     fps = {"provider": provider_key.fingerprint if provider_key else None, "client": client_fp, "server": server_fp}
     known = {k: v for k, v in fps.items() if v}
@@ -118,7 +118,7 @@ def _server(folder: Path, found: list[Violation]):
         cfg = json.loads(cfg_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         found.append(Violation("server/config.json", f"unreadable ({e})"))
-        return None, None, None
+        return None, None
     meta = cfg.get(SERVER_META)
     fp = meta.get("fingerprint") if isinstance(meta, dict) else None
     if fp is None:
@@ -149,7 +149,7 @@ def _server(folder: Path, found: list[Violation]):
                 continue
             if how == "drop" or bool(t.abs().sum() != 0):
                 found.append(Violation(f"server/{name}", "holds P3's embedding table (it must be absent, or all zeros where the model adds it)"))
-    return fp, tensors, skeleton
+    return fp, tensors
 
 
 def _skeleton(config, arch: str | None):

@@ -1,0 +1,183 @@
+"""One transformer forward in JAX, parameterised by config, for running under SPU.
+
+The same function covers post-LN encoders (BERT), pre-LN decoders and encoders (GPT-2,
+LLaMA/Qwen2, ViT), per-head attention kinds (softmax, ReLU-softmax, scaling, polynomial: the
+MPC-friendly and polynomial variants) and activations (GELU, tanh-GELU, ReLU, SiLU, SwiGLU,
+polynomial). Weights come from the same `transformers` models that `stip.seal` seals.
+
+Where the cut between user and model owner lies is the same as in STIP: the user embeds
+locally (word + position (+ token type), or ViT's patch embedding), so ``forward`` starts
+from embeddings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NEG = -1e4  # additive mask: large enough to zero a softmax weight, small enough for fixed point
+KINDS = ("softmax", "relu_softmax", "scaling", "poly")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "poly")
+
+
+@dataclass(frozen=True)
+class Config:
+    hidden: int
+    layers: int
+    heads: int
+    head_dim: int
+    ffn: int
+    kv_heads: int | None = None
+    prenorm: bool = True  # False: BERT's post-LN blocks
+    norm: str = "layer"  # "layer" | "rms"
+    eps: float = 1e-12
+    embed_norm: bool = False  # BERT normalises the embedding sum
+    final_norm: bool = True
+    activation: str = "gelu"
+    glu: bool = False  # SwiGLU: act(x W_gate) * (x W_up)
+    attention: str | tuple = "softmax"  # one kind, or per layer a tuple of per-head kinds
+    causal: bool = False
+    rope_theta: float | None = None
+    head: str | None = None  # None | "first_token" (ViT classifier) | "every_token" (LM head)
+    poly_act: tuple[float, ...] = ()  # coefficients c0 + c1 x + … for "poly" activations
+    poly_attn: tuple[float, ...] = ()  # the same for "poly" attention scores
+    attn_scale: str = "none"  # poly attention: divide by "none" | "sqrt_n" | "n"
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation {self.activation!r} is not one of {ACTIVATIONS}")
+        for kind in self.head_kinds(0) if self.layers else ():
+            if kind not in KINDS:
+                raise ValueError(f"attention kind {kind!r} is not one of {KINDS}")
+
+    @property
+    def n_kv(self) -> int:
+        return self.kv_heads or self.heads
+
+    def head_kinds(self, layer: int) -> tuple[str, ...]:
+        if isinstance(self.attention, str):
+            return (self.attention,) * self.heads
+        kinds = tuple(self.attention[layer])
+        if len(kinds) != self.heads:
+            raise ValueError(f"layer {layer} lists {len(kinds)} attention kinds for {self.heads} heads")
+        return kinds
+
+    def with_layers(self, k: int) -> "Config":
+        kinds = self.attention if isinstance(self.attention, str) else tuple(self.attention[:k])
+        return replace(self, layers=k, attention=kinds)
+
+
+# --- the forward --------------------------------------------------------------------------------
+
+
+def _norm(cfg: Config, x, p):
+    if cfg.norm == "rms":
+        return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + cfg.eps) * p["g"]
+    mu = jnp.mean(x, -1, keepdims=True)
+    xc = x - mu
+    return xc * jax.lax.rsqrt(jnp.mean(xc * xc, -1, keepdims=True) + cfg.eps) * p["g"] + p["b"]
+
+
+def _poly(coeffs, x):
+    out = jnp.zeros_like(x) + coeffs[-1]
+    for c in reversed(coeffs[:-1]):  # Horner
+        out = out * x + c
+    return out
+
+
+def _act(cfg: Config, x):
+    a = cfg.activation
+    if a == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    if a == "gelu_tanh":
+        return jax.nn.gelu(x, approximate=True)
+    if a == "relu":
+        return jax.nn.relu(x)
+    if a == "silu":
+        return jax.nn.silu(x)
+    return _poly(cfg.poly_act, x)
+
+
+def _rope(x, theta: float):
+    """HF's rotate-half RoPE on (batch, heads, tokens, head_dim), positions 0..n-1."""
+    n, hd = x.shape[-2], x.shape[-1]
+    inv = 1.0 / (theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    ang = np.outer(np.arange(n), inv)
+    emb = np.concatenate([ang, ang], -1)
+    cos, sin = jnp.asarray(np.cos(emb), x.dtype), jnp.asarray(np.sin(emb), x.dtype)
+    half = hd // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], -1)
+    return x * cos + rotated * sin
+
+
+def _mix(kind: str, s, v, bias, cfg: Config):
+    """One head: scores s (batch, n, n) → weights → output (batch, n, head_dim)."""
+    n = s.shape[-1]
+    if kind == "softmax":
+        w = jax.nn.softmax(s + bias, axis=-1)
+    elif kind == "relu_softmax":
+        r = jax.nn.relu(s) * (bias == 0)
+        w = r / (jnp.sum(r, -1, keepdims=True) + 1e-5)
+    elif kind == "scaling":
+        w = s * (bias == 0) / n
+    else:  # polynomial attention (Zimerman et al.): pointwise, scaled by the length
+        scale = {"none": 1.0, "sqrt_n": 1.0 / np.sqrt(n), "n": 1.0 / n}[cfg.attn_scale]
+        w = _poly(cfg.poly_attn, s) * (bias == 0) * scale
+    return w @ v
+
+
+def _attention(cfg: Config, layer: int, x, p, bias):
+    b, n, _ = x.shape
+    hd, h, kv = cfg.head_dim, cfg.heads, cfg.n_kv
+    q = (x @ p["wq"] + p["bq"]).reshape(b, n, h, hd).transpose(0, 2, 1, 3)
+    k = (x @ p["wk"] + p["bk"]).reshape(b, n, kv, hd).transpose(0, 2, 1, 3)
+    v = (x @ p["wv"] + p["bv"]).reshape(b, n, kv, hd).transpose(0, 2, 1, 3)
+    if cfg.rope_theta is not None:
+        q, k = _rope(q, cfg.rope_theta), _rope(k, cfg.rope_theta)
+    group = h // kv
+    k, v = jnp.repeat(k, group, axis=1), jnp.repeat(v, group, axis=1)
+    s = (q @ k.transpose(0, 1, 3, 2)) * (1.0 / np.sqrt(hd))
+    kinds = cfg.head_kinds(layer)
+    heads = [_mix(kinds[i], s[:, i], v[:, i], bias, cfg) for i in range(h)]
+    o = jnp.stack(heads, 1).transpose(0, 2, 1, 3).reshape(b, n, h * hd)
+    return o @ p["wo"] + p["bo"]
+
+
+def _ffn(cfg: Config, x, p):
+    if cfg.glu:
+        return (_act(cfg, x @ p["w_gate"]) * (x @ p["w1"] + p["b1"])) @ p["w2"] + p["b2"]
+    return _act(cfg, x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+
+
+def forward(cfg: Config, params: dict, x, mask=None):
+    """x: (batch, tokens, hidden) embeddings; mask: optional (batch, tokens) of 0/1.
+    Returns the last hidden state, or logits when the config has a head."""
+    n = x.shape[1]
+    bias = jnp.zeros((x.shape[0], n, n), x.dtype)
+    if mask is not None:
+        bias = bias + (1.0 - mask[:, None, :]) * NEG
+    if cfg.causal:
+        bias = bias + jnp.asarray(np.triu(np.full((n, n), NEG, np.float32), 1))
+    h = _norm(cfg, x, params["embed_norm"]) if cfg.embed_norm else x
+    for i, p in enumerate(params["layers"][: cfg.layers]):
+        if cfg.prenorm:
+            h = h + _attention(cfg, i, _norm(cfg, h, p["ln1"]), p, bias)
+            h = h + _ffn(cfg, _norm(cfg, h, p["ln2"]), p)
+        else:
+            h = _norm(cfg, h + _attention(cfg, i, h, p, bias), p["ln1"])
+            h = _norm(cfg, h + _ffn(cfg, h, p), p["ln2"])
+    if cfg.final_norm:
+        h = _norm(cfg, h, params["final_norm"])
+    if cfg.head == "first_token":
+        return h[:, 0] @ params["head"]["w"] + params["head"]["b"]
+    if cfg.head == "every_token":
+        return h @ params["head"]["w"] + params["head"]["b"]
+    return h
+
+
+def truncate(params: dict, k: int) -> dict:
+    """The first k layers' weights (for a cheaper MPC run: ``--layers K``)."""
+    return {**params, "layers": params["layers"][:k]}
