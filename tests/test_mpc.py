@@ -99,3 +99,89 @@ def test_cheetah_on_a_tiny_shape():
     report, out = simulate(cfg, params, x, "cheetah")
     assert report.protocol == "cheetah" and report.max_abs_error <= MPC_TOL
     assert report.bytes_sent[0] > 0 and report.send_actions[0] > 0
+
+
+# --- real parties: one OS process each, over TCP on loopback -----------------------------------------
+
+
+def _tiny():
+    case = harness.bert_case(dict(heads=2, kv_heads=2, head_dim=8, layers=2, ffn=32, vocab=20, batch=1, seq=8, lengths=[8], seed=1), "BertModel")
+    cfg, params = from_hf(case.model)
+    return case, cfg, params, embed(case.model, input_ids=case.inputs["input_ids"])
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_simulation_result():
+    from stip.mpc.parties import run_parties
+
+    _, cfg, params, x = _tiny()
+    sim_report, sim_out = simulate(cfg, params, x, "semi2k")
+    report, out = run_parties(cfg, params, x, "semi2k")
+    assert report.mode == "procs" and report.parties == 2
+    assert float(np.abs(out - sim_out).max()) <= MPC_TOL
+    assert report.max_abs_error <= MPC_TOL
+    # the protocol's own traffic is the simulation's; input sharing and output delivery come on top
+    assert report.bytes_sent[0] >= sim_report.bytes_sent[0] and report.bytes_sent[1] >= sim_report.bytes_sent[1]
+    assert abs(report.send_actions[0] - sim_report.send_actions[0]) <= 4
+
+
+def test_shares_framing_round_trip():
+    import spu.libspu as libspu
+    from spu import api as spu_api
+
+    from stip.mpc.parties import pack_shares, unpack_shares
+    from stip.mpc.runner import runtime_config
+
+    io = spu_api.Io(2, runtime_config("semi2k"))
+    a = io.make_shares(np.arange(12, dtype=np.float32).reshape(3, 4), libspu.Visibility.VIS_SECRET)
+    b = io.make_shares(np.ones(5, np.float32), libspu.Visibility.VIS_SECRET)
+    back = unpack_shares(pack_shares([a[1], b[1]]))
+    assert np.array_equal(io.reconstruct([a[0], back[0]]), np.arange(12, dtype=np.float32).reshape(3, 4))
+    assert np.array_equal(io.reconstruct([b[0], back[1]]), np.ones(5, np.float32))
+    with pytest.raises(ValueError, match="truncated"):
+        unpack_shares(pack_shares([a[1]])[:-3])
+
+
+@pytest.mark.slow
+def test_network_emulation_or_a_clear_skip():
+    from stip.mpc import netem
+    from stip.mpc.parties import run_parties
+
+    try:
+        netem.check()
+    except netem.Unavailable as e:
+        pytest.skip(f"network namespaces unavailable here: {e}")
+    _, cfg, params, x = _tiny()
+    cfg, params = cfg.with_layers(1), truncate(params, 1)
+    with netem.two_hosts(netem.PROFILES["lan"]) as (hosts, wrap, applied):
+        report, _ = run_parties(cfg, params, x, "semi2k", hosts=hosts, wrap=wrap)
+    assert applied and "1000 Mbit/s" in applied[0]
+    assert report.max_abs_error <= MPC_TOL
+
+
+def test_analytic_estimate():
+    from stip.mpc import netem
+
+    wan = netem.PROFILES["wan"]
+    # 1 s compute + 100 Mbit at 100 Mbit/s (1 s) + 10 rounds × 80 ms
+    assert netem.estimate(1.0, [12_500_000, 1000], 10, wan) == pytest.approx(2.8)
+
+
+@pytest.mark.slow
+def test_cli_json(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    case, *_ = _tiny()
+    case.model.save_pretrained(tmp_path / "m")
+    r = subprocess.run(
+        [sys.executable, "-m", "stip.cli", "mpc", "run", "--model", str(tmp_path / "m"), "--protocol", "semi2k", "--parties", "sim", "--tokens", "6", "--layers", "1", "--json"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert r.returncode == 0, r.stderr
+    obj = json.loads(r.stdout)  # exactly one JSON object on stdout
+    assert {"seconds", "bytes_sent", "send_actions", "max_abs_error"} <= set(obj)
+    assert obj["tokens"] == 6 and obj["layers"] == 1 and len(obj["bytes_sent"]) == 2
+    r = subprocess.run([sys.executable, "-m", "stip.cli", "mpc", "run", "--protocol", "aby3", "--parties", "procs"], capture_output=True, text=True)
+    assert r.returncode == 1 and "two-party" in r.stderr

@@ -120,9 +120,10 @@ def simulate(cfg: Config, params: dict, x: np.ndarray, protocol: str = "semi2k",
     libspu = _libspu()
     n = world_size(protocol)
     rt_cfg = runtime_config(protocol, fraction_bits)
-    executable, flat = compile_forward(cfg, params, x)
-    io = spu_api.Io(n, rt_cfg)
-    shares = [io.make_shares(np.asarray(v), libspu.Visibility.VIS_SECRET) for v in flat]
+    with captured_output():  # SPU logs to stdout from C++; keep stdout for results
+        executable, flat = compile_forward(cfg, params, x)
+        io = spu_api.Io(n, rt_cfg)
+        shares = [io.make_shares(np.asarray(v), libspu.Visibility.VIS_SECRET) for v in flat]
     desc = libspu.link.Desc()
     for rank in range(n):
         desc.add_party(f"party{rank}", f"thread{rank}")
