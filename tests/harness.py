@@ -156,7 +156,11 @@ def gpt2_case(s: dict) -> Case:
 
 def llama_case(s: dict, arch: str = "llama", tie: bool = False) -> Case:
     gen = _seeded(s["seed"])
-    cfg_cls, model_cls = {"llama": (T.LlamaConfig, T.LlamaForCausalLM), "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM)}[arch]
+    cfg_cls, model_cls = {
+        "llama": (T.LlamaConfig, T.LlamaForCausalLM),
+        "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM),
+        "mistral": (T.MistralConfig, T.MistralForCausalLM),
+    }[arch]
     cfg = cfg_cls(
         hidden_size=s["heads"] * s["head_dim"],
         num_hidden_layers=s["layers"],

@@ -53,6 +53,12 @@ def test_qwen2_gqa_biases(s):
     harness.assert_equivalent(harness.llama_case(s, "qwen2"))
 
 
+@settings(max_examples=10)
+@given(harness.text_shape(gqa=True))
+def test_mistral_gqa(s):
+    harness.assert_equivalent(harness.llama_case(s, "mistral"))
+
+
 @settings(max_examples=5)
 @given(harness.text_shape(gqa=True))
 def test_llama_tied_embeddings_are_untied(s):
