@@ -185,3 +185,11 @@ def test_cli_json(tmp_path):
     assert obj["tokens"] == 6 and obj["layers"] == 1 and len(obj["bytes_sent"]) == 2
     r = subprocess.run([sys.executable, "-m", "stip.cli", "mpc", "run", "--protocol", "aby3", "--parties", "procs"], capture_output=True, text=True)
     assert r.returncode == 1 and "two-party" in r.stderr
+
+
+def test_aby3_three_party_simulation():
+    _, cfg, params, x = _tiny()
+    cfg, params = cfg.with_layers(1), truncate(params, 1)
+    report, _ = simulate(cfg, params, x, "aby3")
+    assert report.parties == 3 and len(report.bytes_sent) == 3
+    assert report.bytes_sent[0] > 0 and report.max_abs_error <= MPC_TOL
