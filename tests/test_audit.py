@@ -7,7 +7,6 @@ import shutil
 
 import pytest
 import torch
-import transformers as T
 from safetensors.torch import load_file, save_file
 
 import harness

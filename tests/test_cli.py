@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 import transformers as T
 from typer.testing import CliRunner
 

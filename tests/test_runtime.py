@@ -19,7 +19,7 @@ from PIL import Image
 
 import harness
 from stip import wire
-from stip.client.api import Client, KeyMismatch, ServerError
+from stip.client.api import Client, KeyMismatch
 from stip.models import default
 from stip.seal import load_source, seal_folder
 from stip.serve.process import ServerProcess

@@ -22,7 +22,7 @@ import torch
 
 from . import keys
 from .client.bundle import CONFIG, KEY, MANIFEST, TENSORS, ClientBundle, InvalidBundle
-from .keys import ClientKey, InvalidKey, Key
+from .keys import InvalidKey, Key
 from .seal import CLIENT, KEY_FILE, PREPROCESSING_FILES, PROVIDER, SERVER, SERVER_META, base_prefix, family_of
 
 SERVER_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")

@@ -70,7 +70,7 @@ def seal(
     except (FileNotFoundError, FileExistsError, UnsupportedModel, ValueError, OSError) as e:
         fail(str(e))
     out.print(f"sealed [bold]{sealed.key.model['architecture']}[/] into {out_dir}")
-    out.print(f"  server/   → the cloud (P2)\n  client/   → the user (P3), out of band\n  provider/ → keep private")
+    out.print("  server/   → the cloud (P2)\n  client/   → the user (P3), out of band\n  provider/ → keep private")
     out.print(f"fingerprint {sealed.key.fingerprint}")
 
 
