@@ -10,6 +10,7 @@ import torch
 
 from . import netem
 from .model import truncate
+from .parties import run_parties
 from .runner import CostReport, simulate
 from .weights import embed, from_hf
 
@@ -52,12 +53,8 @@ def run(job: Job, model=None) -> tuple[CostReport, dict]:
             extras["network_note"] = "simulation has no network: the time is compute only; see the estimate"
         report, _ = simulate(cfg, params, x, job.protocol)
     elif job.network == "none":
-        from .parties import run_parties
-
         report, _ = run_parties(cfg, params, x, job.protocol)
     else:
-        from .parties import run_parties
-
         profile = netem.PROFILES[job.network]
         with netem.two_hosts(profile) as (hosts, wrap, applied):
             report, _ = run_parties(cfg, params, x, job.protocol, hosts=hosts, wrap=wrap)

@@ -52,10 +52,6 @@ def _leaves(params: dict) -> list[np.ndarray]:
     return [np.asarray(v, np.float32) for v in jax.tree_util.tree_leaves(params)]
 
 
-def _structure(params: dict):
-    return jax.tree_util.tree_structure(params)
-
-
 def _zeros_like_shapes(shapes: list[list[int]]) -> list[np.ndarray]:
     return [np.zeros(s, np.float32) for s in shapes]
 
@@ -118,7 +114,7 @@ def party_main(argv=None) -> int:
     cfg = config_from_json(job["config"])
     protocol, rank = job["protocol"], args.rank
     secret = np.load(args.secret)
-    structure = _structure(_unflatten_template(job))
+    structure = jax.tree_util.tree_structure(json_to_tree(job["param_tree"]))  # the tree shape is public
     owner_leaves = [secret[f"w{i}"] for i in range(len(job["param_shapes"]))] if rank == OWNER else _zeros_like_shapes(job["param_shapes"])
     x = secret["x"] if rank == USER else np.zeros(job["x_shape"], np.float32)
     params = jax.tree_util.tree_unflatten(structure, owner_leaves)
@@ -179,11 +175,6 @@ def party_main(argv=None) -> int:
     if rank == USER:
         np.save(Path(args.out).with_suffix(".npy"), np.asarray(out))
     return 0
-
-
-def _unflatten_template(job: dict) -> dict:
-    """A params tree of the job's structure (zeros): the tree shape is public."""
-    return json_to_tree(job["param_tree"])
 
 
 def tree_to_json(params: dict):
