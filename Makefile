@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench bench-mpcvit clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "stip needs Python 3.11 (SPU has no wheel for other versions); set PYTHON=/path/to/python3.11")'
@@ -22,6 +22,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/seal_overhead.py
 	$(PY) benchmarks/e2e.py
+
+bench-mpcvit: $(STAMP)
+	$(PY) benchmarks/mpcvit_latency.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis

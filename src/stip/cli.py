@@ -281,7 +281,7 @@ app.add_typer(mpc_app, name="mpc")
 
 @mpc_app.command("run")
 def mpc_run(
-    model: Optional[Path] = typer.Option(None, "--model", metavar="SRC", help="Local HF model folder (default: the embedded MiniLM)."),
+    model: Optional[Path] = typer.Option(None, "--model", metavar="SRC", help="Local HF model folder, or a `stip train mpcvit` folder (default: the embedded MiniLM)."),
     protocol: str = typer.Option("semi2k", "--protocol", help="semi2k | cheetah | aby3 (aby3: simulation only)."),
     parties: str = typer.Option("sim", "--parties", help="sim: one process; procs: one OS process per party over TCP."),
     tokens: int = typer.Option(32, "--tokens", min=1, help="Input length (vision models: fixed by the image size)."),
@@ -336,6 +336,164 @@ def mpc_run(
     for note in report.notes + extras.get("network_applied", []) + [extras.get("network_note", "")]:
         if note:
             out.print(f"note: {note}", highlight=False)
+
+
+train_app = typer.Typer(no_args_is_help=True, help="Train the baselines' MPC- and HE-friendly models.")
+app.add_typer(train_app, name="train")
+
+
+def _stage_progress():
+    """A rich progress display and a tick(stage, step, total, info) callback feeding it."""
+    progress = Progress(TextColumn("{task.description:<10}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err)
+    tasks: dict = {}
+
+    def tick(stage: str, step: int, total: int, info: str) -> None:
+        if stage not in tasks:
+            tasks[stage] = progress.add_task(stage, total=total, info="")
+        progress.update(tasks[stage], completed=step, total=total, info=info)
+
+    return progress, tick
+
+
+@train_app.command("mpcvit")
+def train_mpcvit(
+    out_dir: Path = typer.Argument(..., metavar="OUT", help="Run folder: checkpoints, model.safetensors, summary.json. Re-run to resume."),
+    dataset: str = typer.Option("digits", "--dataset", help="digits (bundled) | cifar10 | cifar100 | tiny-imagenet (local files)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder holding cifar-10-batches-py/, cifar-100-python/ or tiny-imagenet-200/."),
+    preset: str = typer.Option("digits", "--preset", help="digits | vit-7-4-32 (CIFAR) | vit-9-12-64 (Tiny-ImageNet)."),
+    mu: float = typer.Option(0.3, "--mu", min=0.0, max=1.0, help="Fraction of attention units kept as ReLU-softmax; the rest become scaling."),
+    granularity: str = typer.Option("head", "--granularity", help="One α per head | layer | row (query row of a head)."),
+    lam: float = typer.Option(1e-5, "--lambda", help="L1 weight on α during the search."),
+    latency_weights: str = typer.Option("measured", "--latency-weights", help="measured (SPU costs of each attention kind) | uniform."),
+    linear_gelu: bool = typer.Option(False, "--linear-gelu", help="MPCViT+: also search GELU vs identity per token in the MLPs."),
+    distill: bool = typer.Option(True, "--distill/--no-distill", help="Retrain with self-distillation from the softmax teacher (KL + feature MSE + CE), or CE only."),
+    teacher_epochs: int = typer.Option(60, "--teacher-epochs", min=0),
+    search_epochs: int = typer.Option(5, "--search-epochs", min=0),
+    distill_epochs: int = typer.Option(15, "--distill-epochs", min=0),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    lr: float = typer.Option(2e-3, "--lr"),
+    seed: int = typer.Option(0, "--seed"),
+    force: bool = typer.Option(False, "--force", help="Start over in an OUT that holds a run with other settings."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+) -> None:
+    """Train an MPC-friendly ViT (MPCViT): (a) a softmax teacher, (b) a differentiable search
+    over ReLU-softmax vs scaling attention with a latency-weighted L1 penalty, (c) binarise
+    under the budget μ, (d) retrain with self-distillation. Writes a checkpoint every epoch;
+    running the same command again resumes. `stip mpc run --model OUT` runs the result under SPU."""
+    import json
+
+    from .models.data import DatasetMissing
+    from .models.mpcvit import Recipe
+    from .models.mpcvit import train_mpcvit as run
+    from .models.train import RunMismatch
+
+    recipe = Recipe(dataset=dataset, data_dir=str(data_dir) if data_dir else None, preset=preset, linear_gelu=linear_gelu,
+                    granularity=granularity, mu=mu, lam=lam, latency_weights=latency_weights, distill=distill,
+                    teacher_epochs=teacher_epochs, search_epochs=search_epochs, distill_epochs=distill_epochs,
+                    batch_size=batch_size, lr=lr, seed=seed)
+    progress, tick = _stage_progress()
+    try:
+        with progress:
+            summary = run(recipe, out_dir, tick, force=force)
+    except (DatasetMissing, RunMismatch, ValueError) as e:
+        fail(str(e))
+    if as_json:
+        print(json.dumps(summary))
+        return
+    from rich.table import Table
+
+    t = Table(title=f"MPCViT {preset} on {dataset}, μ={mu}, {granularity} granularity", show_header=False)
+    t.add_column("")
+    t.add_column("", justify="right")
+    for key, label in (("teacher_accuracy", "softmax teacher"), ("search_accuracy", "searched (α mixed)"),
+                       ("binarized_accuracy", "binarised, before retraining"), ("accuracy", "final (distilled)" if distill else "final (CE only)")):
+        t.add_row(label, f"{100 * summary[key]:.2f} %")
+    t.add_row("attention units: ReLU-softmax / scaling", f"{summary['head_kinds']['relu_softmax']} / {summary['head_kinds']['scaling']}")
+    out.print(t)
+    out.print(f"model: {out_dir / 'model.safetensors'}   (stip mpc run --model {out_dir})", highlight=False)
+
+
+@train_app.command("polyformer")
+def train_polyformer(
+    out_dir: Path = typer.Argument(..., metavar="OUT", help="Run folder: checkpoints, model.safetensors, summary.json. Re-run to resume."),
+    preset: str = typer.Option("digits", "--preset", help="digits | tiny."),
+    dataset: str = typer.Option("digits", "--dataset", help="digits (bundled) | cifar10 | cifar100 | tiny-imagenet (local files)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
+    epochs: int = typer.Option(40, "--epochs", min=0),
+    degree: int = typer.Option(4, "--degree", min=1, help="Degree of the fitted polynomials (4 needs N=16384 under CKKS; 2 fits N=8192)."),
+    method: str = typer.Option("lsq", "--fit", help="lsq | minimax, over the range each activation took on the training set."),
+    seed: int = typer.Option(0, "--seed"),
+    force: bool = typer.Option(False, "--force"),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+) -> None:
+    """Train the polynomial ViT (Zimerman et al.): pointwise attention scaled by 1/√L,
+    BatchNorm, range and variance penalties; then swap fitted polynomials in for the
+    activations and report accuracy before and after. `stip he run --model OUT` runs it under CKKS."""
+    import json
+
+    from .models.data import DatasetMissing
+    from .models.polyformer import train_polyformer as run
+    from .models.train import RunMismatch
+
+    progress, tick = _stage_progress()
+    try:
+        with progress:
+            summary = run(out_dir, preset, dataset, data_dir, epochs, degree, method, seed=seed, tick=tick, force=force)
+    except (DatasetMissing, RunMismatch, ValueError) as e:
+        fail(str(e))
+    if as_json:
+        print(json.dumps(summary))
+        return
+    out.print(f"accuracy with GELU: {100 * summary['twin_accuracy']:.2f} %   with degree-{degree} polynomials: "
+              f"{100 * summary['polynomial_accuracy']:.2f} %   model: {out_dir / 'model.safetensors'}", highlight=False)
+
+
+he_app = typer.Typer(no_args_is_help=True, help="The homomorphic-encryption baseline (CKKS, TenSEAL).")
+app.add_typer(he_app, name="he")
+
+
+@he_app.command("run")
+def he_run(
+    model: Path = typer.Option(..., "--model", metavar="OUT", help="A `stip train polyformer` folder or its model.safetensors."),
+    images: int = typer.Option(16, "--images", min=1, help="Test images to encrypt, packed in one batch's slots."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Encrypted inference: the user encrypts image patches under CKKS, the server computes the
+    polynomial ViT on ciphertexts with its plaintext weights (client-aided refresh when depth
+    runs out), the user decrypts. Reports time, ciphertext bytes each way, refresh rounds and
+    max error against the plaintext polynomial model."""
+    import json
+
+    from .he.runner import run
+    from .models import data, polyformer
+
+    try:
+        net, info = polyformer.load(model)
+        _, test = data.load(info.get("dataset", "digits"), info.get("data_dir"), seed=info.get("seed", 0))
+        patches = net.patches(test.images[:images]).numpy()
+        with err.status(f"encrypted inference of {len(patches)} images …"):
+            report, _ = run(polyformer.he_plan(net), patches)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    if as_json:
+        print(json.dumps(report.to_json()))
+        return
+    from rich.table import Table
+
+    t = Table(title=f"CKKS, {report.images} images in one batch", show_header=False)
+    t.add_column("")
+    t.add_column("", justify="right")
+    t.add_row("wall time (batch) / per image", f"{report.seconds:.2f} s / {report.seconds_per_image:.3f} s")
+    t.add_row("server / client compute", f"{report.server_seconds:.2f} s / {report.client_seconds:.2f} s")
+    t.add_row("ciphertext bytes up / down", f"{report.bytes_up:,} / {report.bytes_down:,}")
+    t.add_row("public keys (once)", f"{report.key_bytes:,}")
+    t.add_row("refresh round trips (ciphertexts)", f"{report.refresh_rounds} ({report.refreshed_ciphertexts:,})")
+    t.add_row("max abs error vs plaintext polynomial model", f"{report.max_abs_error:.2e}")
+    t.add_row("argmax agreement", f"{100 * report.argmax_agreement:.1f} %")
+    p = report.params
+    t.add_row("parameters", f"N={p['poly_modulus_degree']}, log q={p['log_q']}, scale 2^{p['scale_bits']}, {p['levels']} levels, 128-bit")
+    out.print(t)
 
 
 @app.command()

@@ -38,16 +38,28 @@ def inputs_for(model, tokens: int, seed: int) -> np.ndarray:
 
 def run(job: Job, model=None) -> tuple[CostReport, dict]:
     """Returns the report and extras (network applied, analytic estimates)."""
-    from ..seal import load_source
+    from ..models import mpcvit
 
-    model = model if model is not None else load_source(job.model)
-    cfg, params = from_hf(model)
+    if model is None and mpcvit.is_checkpoint(job.model):
+        model = mpcvit.load(job.model)[0]
+    if isinstance(model, mpcvit.MPCViT):  # a `stip train mpcvit` model, heads as searched
+        cfg, params = mpcvit.to_mpc(model)
+        c = model.cfg
+        images = torch.randn(1, c.channels, c.image_size, c.image_size, generator=torch.Generator().manual_seed(job.seed))
+        x, model_type = mpcvit.embed(model, images), "mpcvit"
+    else:
+        from ..seal import load_source
+
+        model = model if model is not None else load_source(job.model)
+        cfg, params = from_hf(model)
+        x, model_type = None, model.config.model_type
     if job.layers is not None:
         if not 1 <= job.layers <= cfg.layers:
             raise ValueError(f"--layers must lie in 1..{cfg.layers}")
         cfg, params = cfg.with_layers(job.layers), truncate(params, job.layers)
-    x = inputs_for(model, job.tokens, job.seed)
-    extras: dict = {"tokens": int(x.shape[1]), "layers": cfg.layers, "model_type": model.config.model_type}
+    if x is None:
+        x = inputs_for(model, job.tokens, job.seed)
+    extras: dict = {"tokens": int(x.shape[1]), "layers": cfg.layers, "model_type": model_type}
     if job.parties == "sim":
         if job.network != "none":
             extras["network_note"] = "simulation has no network: the time is compute only; see the estimate"

@@ -45,13 +45,16 @@ class Config:
     poly_act: tuple[float, ...] = ()  # coefficients c0 + c1 x + … for "poly" activations
     poly_attn: tuple[float, ...] = ()  # the same for "poly" attention scores
     attn_scale: str = "none"  # poly attention: divide by "none" | "sqrt_n" | "n"
+    # MPCViT+: per layer, the token rows whose MLP activation is kept; the others are identity
+    act_rows: tuple[tuple[int, ...], ...] | None = None
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation {self.activation!r} is not one of {ACTIVATIONS}")
         for kind in self.head_kinds(0) if self.layers else ():
-            if kind not in KINDS:
-                raise ValueError(f"attention kind {kind!r} is not one of {KINDS}")
+            for k in (kind,) if isinstance(kind, str) else kind:  # a head may list one kind per row
+                if k not in KINDS:
+                    raise ValueError(f"attention kind {k!r} is not one of {KINDS}")
 
     @property
     def n_kv(self) -> int:
@@ -67,7 +70,8 @@ class Config:
 
     def with_layers(self, k: int) -> "Config":
         kinds = self.attention if isinstance(self.attention, str) else tuple(self.attention[:k])
-        return replace(self, layers=k, attention=kinds)
+        rows = None if self.act_rows is None else self.act_rows[:k]
+        return replace(self, layers=k, attention=kinds, act_rows=rows)
 
 
 # --- the forward --------------------------------------------------------------------------------
@@ -113,9 +117,21 @@ def _rope(x, theta: float):
     return x * cos + rotated * sin
 
 
-def _mix(kind: str, s, v, bias, cfg: Config):
-    """One head: scores s (batch, n, n) → weights → output (batch, n, head_dim)."""
+def _mix(kind, s, v, bias, cfg: Config):
+    """One head: scores s (batch, n, n) → weights → output (batch, n, head_dim). ``kind`` is
+    one kind, or one per query row (MPCViT's row-wise search): each group of rows is computed
+    with its own kind only, by static slicing, so no row pays for a kind it does not use."""
     n = s.shape[-1]
+    if not isinstance(kind, str):
+        out = jnp.zeros(s.shape[:2] + v.shape[-1:], s.dtype)
+        for k in dict.fromkeys(kind):
+            rows = np.array([i for i, r in enumerate(kind) if r == k])
+            out = out.at[:, rows].set(_weights(k, s[:, rows], bias[:, rows], cfg, n) @ v)
+        return out
+    return _weights(kind, s, bias, cfg, n) @ v
+
+
+def _weights(kind: str, s, bias, cfg: Config, n: int):
     if kind == "softmax":
         w = jax.nn.softmax(s + bias, axis=-1)
     elif kind == "relu_softmax":
@@ -126,7 +142,7 @@ def _mix(kind: str, s, v, bias, cfg: Config):
     else:  # polynomial attention (Zimerman et al.): pointwise, scaled by the length
         scale = {"none": 1.0, "sqrt_n": 1.0 / np.sqrt(n), "n": 1.0 / n}[cfg.attn_scale]
         w = _poly(cfg.poly_attn, s) * (bias == 0) * scale
-    return w @ v
+    return w
 
 
 def _attention(cfg: Config, layer: int, x, p, bias):
@@ -146,10 +162,16 @@ def _attention(cfg: Config, layer: int, x, p, bias):
     return o @ p["wo"] + p["bo"]
 
 
-def _ffn(cfg: Config, x, p):
+def _ffn(cfg: Config, layer: int, x, p):
     if cfg.glu:
         return (_act(cfg, x @ p["w_gate"]) * (x @ p["w1"] + p["b1"])) @ p["w2"] + p["b2"]
-    return _act(cfg, x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+    u = x @ p["w1"] + p["b1"]
+    if cfg.act_rows is None:
+        return _act(cfg, u) @ p["w2"] + p["b2"]
+    rows = np.asarray(cfg.act_rows[layer], dtype=np.int64)
+    if rows.size:  # the activation only on the kept rows; the rest pass through (free under MPC)
+        u = u.at[:, rows].set(_act(cfg, u[:, rows]))
+    return u @ p["w2"] + p["b2"]
 
 
 def forward(cfg: Config, params: dict, x, mask=None):
@@ -165,10 +187,10 @@ def forward(cfg: Config, params: dict, x, mask=None):
     for i, p in enumerate(params["layers"][: cfg.layers]):
         if cfg.prenorm:
             h = h + _attention(cfg, i, _norm(cfg, h, p["ln1"]), p, bias)
-            h = h + _ffn(cfg, _norm(cfg, h, p["ln2"]), p)
+            h = h + _ffn(cfg, i, _norm(cfg, h, p["ln2"]), p)
         else:
             h = _norm(cfg, h + _attention(cfg, i, h, p, bias), p["ln1"])
-            h = _norm(cfg, h + _ffn(cfg, h, p), p["ln2"])
+            h = _norm(cfg, h + _ffn(cfg, i, h, p), p["ln2"])
     if cfg.final_norm:
         h = _norm(cfg, h, params["final_norm"])
     if cfg.head == "first_token":

@@ -169,3 +169,25 @@ def simulate(cfg: Config, params: dict, x: np.ndarray, protocol: str = "semi2k",
         fraction_bits=fraction_bits, notes=notes,
     )
     return report, np.asarray(out)
+
+
+def head_costs(tokens: int, head_dim: int, protocol: str = "semi2k", kinds=("softmax", "relu_softmax", "scaling"), seed: int = 0) -> dict:
+    """Measured cost of one attention head of each kind under SPU simulation, on (tokens,
+    head_dim) inputs: {kind: {"seconds", "bytes", "send_actions"}} (bytes and actions of rank
+    0). One block with one head and random weights; the projections and MLP are
+    the same for every kind, so differences between kinds are the heads' own costs."""
+    rng = np.random.default_rng(seed)
+    d = head_dim
+    w = lambda *s: (rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32)  # noqa: E731
+    ln = {"g": np.ones(d, np.float32), "b": np.zeros(d, np.float32)}
+    layer = {"ln1": ln, "ln2": ln, "w1": w(d, d), "b1": np.zeros(d, np.float32), "w2": w(d, d), "b2": np.zeros(d, np.float32)}
+    for name in "qkvo":
+        layer["w" + name], layer["b" + name] = w(d, d), np.zeros(d, np.float32)
+    params = {"layers": [layer], "final_norm": ln}
+    x = rng.standard_normal((1, tokens, d)).astype(np.float32)
+    out = {}
+    for kind in kinds:
+        cfg = Config(hidden=d, layers=1, heads=1, head_dim=d, ffn=d, attention=kind)
+        report, _ = simulate(cfg, params, x, protocol)
+        out[kind] = {"seconds": report.seconds, "bytes": report.bytes_sent[0], "send_actions": report.send_actions[0]}
+    return out

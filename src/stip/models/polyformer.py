@@ -1,0 +1,370 @@
+"""The polynomial transformer of Zimerman et al. (ICML 2024), vision form, for CKKS inference.
+
+Attention is a pointwise activation of the scores divided by a length scale,
+    Att(Q, K, V) = σ(QKᵀ/√d_h) · V / S(L),   S(L) = √L ("sqrt_n") or L ("n"),
+normalisation is BatchNorm (an affine map at inference, folded into the next linear layer),
+with an extra BatchNorm inside each MLP. Training adds a range penalty on every activation's
+input (outside [-R, R]) and a variance penalty on every BatchNorm's input variance (above a
+ceiling). After training, ``to_polynomial`` fits a polynomial to each activation over the
+range its inputs took on the training set and swaps it in, without further training.
+
+    model = PolyViT(PRESETS["digits"])      # GELU activations while training
+    to_polynomial(model, train.images, degree=2)
+    plan = he_plan(model)                    # folded numpy weights for stip.he
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FITS = ("lsq", "minimax")
+
+
+@dataclass(frozen=True)
+class PolyConfig:
+    image_size: int = 8
+    patch: int = 4
+    channels: int = 1
+    dim: int = 16
+    layers: int = 2
+    heads: int = 2
+    mlp_ratio: float = 2
+    classes: int = 10
+    activation: str = "gelu"  # what the polynomials replace: "gelu" | "relu"
+    attn_scale: str = "sqrt_n"  # S(L): "sqrt_n" | "n"
+    act_range: float = 4.0  # R of the range penalty
+    var_ceiling: float = 50.0  # of the variance penalty
+
+    @property
+    def tokens(self) -> int:
+        return (self.image_size // self.patch) ** 2
+
+    @property
+    def patch_dim(self) -> int:
+        return self.channels * self.patch * self.patch
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+PRESETS = {
+    "digits": PolyConfig(),
+    "tiny": PolyConfig(dim=8, layers=1, heads=2, mlp_ratio=1),
+}
+
+
+class Act(nn.Module):
+    """GELU/ReLU while training (recording the range penalty), a fitted polynomial after the
+    swap. Tracks the min and max of its inputs while ``calibrating``."""
+
+    def __init__(self, cfg: PolyConfig):
+        super().__init__()
+        self.kind, self.bound = cfg.activation, cfg.act_range
+        self.register_buffer("coeffs", torch.zeros(0))  # power basis, c0 first; empty: not swapped
+        self.register_buffer("lo", torch.tensor(float("inf")))
+        self.register_buffer("hi", torch.tensor(float("-inf")))
+        self.calibrating = False
+        self.penalty = torch.tensor(0.0)
+
+    def forward(self, x):
+        if self.calibrating:
+            self.lo.fill_(min(float(self.lo), float(x.min())))
+            self.hi.fill_(max(float(self.hi), float(x.max())))
+        if self.training:
+            self.penalty = F.relu(x.abs() - self.bound).pow(2).mean()
+        if self.coeffs.numel():
+            return poly(self.coeffs, x)
+        return F.gelu(x) if self.kind == "gelu" else F.relu(x)
+
+    def reference(self, x: np.ndarray) -> np.ndarray:
+        t = torch.as_tensor(x)
+        return (F.gelu(t) if self.kind == "gelu" else F.relu(t)).numpy()
+
+
+def poly(coeffs, x):
+    out = torch.zeros_like(x) + coeffs[-1]
+    for c in reversed(coeffs[:-1]):  # Horner
+        out = out * x + c
+    return out
+
+
+class Norm(nn.BatchNorm1d):
+    """BatchNorm over the feature dimension of (batch, tokens, dim), with the variance penalty."""
+
+    def __init__(self, dim: int, ceiling: float):
+        super().__init__(dim)
+        self.ceiling = ceiling
+        self.penalty = torch.tensor(0.0)
+
+    def forward(self, x):
+        if self.training:
+            self.penalty = F.relu(x.reshape(-1, x.shape[-1]).var(0) - self.ceiling).mean()
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+    def folded(self) -> tuple[np.ndarray, np.ndarray]:
+        """(scale, shift) of the inference-time map y = x·scale + shift."""
+        s = self.weight / torch.sqrt(self.running_var + self.eps)
+        return s.detach().numpy().astype(np.float64), (self.bias - self.running_mean * s).detach().numpy().astype(np.float64)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: PolyConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
+        self.act = Act(cfg)
+
+    def length_scale(self, n: int) -> float:
+        return math.sqrt(n) if self.cfg.attn_scale == "sqrt_n" else float(n)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        h = self.cfg.heads
+        split = lambda t: t.reshape(b, n, h, d // h).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        s = q @ k.transpose(-1, -2) / math.sqrt(d // h)
+        o = self.act(s) @ v / self.length_scale(n)
+        return self.o(o.transpose(1, 2).reshape(b, n, d))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: PolyConfig):
+        super().__init__()
+        hidden = int(cfg.dim * cfg.mlp_ratio)
+        self.norm1, self.norm2, self.norm_mlp = Norm(cfg.dim, cfg.var_ceiling), Norm(cfg.dim, cfg.var_ceiling), Norm(hidden, cfg.var_ceiling)
+        self.attn = Attention(cfg)
+        self.fc1, self.fc2 = nn.Linear(cfg.dim, hidden), nn.Linear(hidden, cfg.dim)
+        self.act = Act(cfg)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(self.act(self.norm_mlp(self.fc1(self.norm2(x)))))
+
+
+class PolyViT(nn.Module):
+    def __init__(self, cfg: PolyConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch = nn.Linear(cfg.patch_dim, cfg.dim)
+        self.pos = nn.Parameter(torch.randn(1, cfg.tokens, cfg.dim) * 0.02)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.norm = Norm(cfg.dim, cfg.var_ceiling)
+        self.head = nn.Linear(cfg.dim, cfg.classes)
+
+    def patches(self, images):
+        """(batch, tokens, patch_dim): what the user encrypts (pixels only, no weights)."""
+        p = self.cfg.patch
+        return F.unfold(images, p, stride=p).transpose(1, 2)
+
+    def forward(self, images):
+        x = self.patch(self.patches(images)) + self.pos
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.norm(x).mean(1))
+
+    def acts(self) -> list[Act]:
+        return [m for m in self.modules() if isinstance(m, Act)]
+
+    def regularisers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(range penalty, variance penalty) of the last training forward."""
+        rng = sum(a.penalty for a in self.acts())
+        var = sum(m.penalty for m in self.modules() if isinstance(m, Norm))
+        return rng, var
+
+    def is_polynomial(self) -> bool:
+        return all(a.coeffs.numel() for a in self.acts())
+
+
+def training_loss(alpha: float = 1e-2, beta: float = 1e-3):
+    """L_task + α·L_range + β·L_variance."""
+
+    def loss(model: PolyViT, x, y):
+        task = F.cross_entropy(model(x), y)
+        rng, var = model.regularisers()
+        return task + alpha * rng + beta * var
+
+    return loss
+
+
+# --- the polynomial swap ------------------------------------------------------------------------
+
+
+def fit_polynomial(f, lo: float, hi: float, degree: int, method: str = "lsq", points: int = 2001) -> np.ndarray:
+    """Power-basis coefficients (c0 first) of a degree-``degree`` fit of f on [lo, hi]:
+    least squares on a dense grid, or minimax by Lawson's iteratively reweighted least squares."""
+    if method not in FITS:
+        raise ValueError(f"fit must be one of {FITS}")
+    if degree < 1 or not hi > lo:
+        raise ValueError("need degree ≥ 1 and a non-empty range")
+    x = np.linspace(lo, hi, points)
+    y = f(x)
+    w = np.ones_like(x)
+    for _ in range(1 if method == "lsq" else 200):
+        fit = np.polynomial.Chebyshev.fit(x, y, degree, domain=[lo, hi], w=np.sqrt(w))
+        err = np.abs(fit(x) - y)
+        w = w * (err + 1e-12)
+        w /= w.sum()
+    return fit.convert(kind=np.polynomial.Polynomial).coef.astype(np.float64)
+
+
+@torch.no_grad()
+def to_polynomial(model: PolyViT, images: torch.Tensor, degree: int = 2, method: str = "lsq", margin: float = 0.05,
+                  batch_size: int = 256) -> dict:
+    """Fit each activation over the range its inputs take on ``images`` (widened by ``margin``
+    of its width) and swap the polynomial in. Returns per-site ranges and max fit errors."""
+    model.eval()
+    acts = model.acts()
+    for a in acts:
+        a.coeffs = torch.zeros(0)
+        a.lo.fill_(float("inf"))
+        a.hi.fill_(float("-inf"))
+        a.calibrating = True
+    try:
+        for i in range(0, len(images), batch_size):
+            model(images[i : i + batch_size])
+    finally:
+        for a in acts:
+            a.calibrating = False
+    sites = []
+    for a in acts:
+        lo, hi = float(a.lo), float(a.hi)
+        pad = margin * (hi - lo)
+        lo, hi = lo - pad, hi + pad
+        c = fit_polynomial(a.reference, lo, hi, degree, method)
+        grid = np.linspace(lo, hi, 2001)
+        sites.append({"range": [lo, hi], "max_fit_error": float(np.abs(np.polynomial.polynomial.polyval(grid, c) - a.reference(grid)).max())})
+        a.coeffs = torch.as_tensor(c, dtype=torch.float32)
+    return {"degree": degree, "method": method, "sites": sites}
+
+
+# --- the folded plan that stip.he evaluates ----------------------------------------------------
+
+
+@torch.no_grad()
+def he_plan(model: PolyViT) -> dict:
+    """Numpy weights with every BatchNorm, 1/√d_h, 1/S(L) and the mean pool folded into the
+    linear maps, and each activation's polynomial: what the HE server holds.
+
+    patch (patch_dim, dim), pos (tokens, dim); per layer and head: wq/wk/wv (dim, d_h) with
+    biases, wo (d_h, dim), the attention polynomial; bo; w1 (dim, hidden), b1, the MLP
+    polynomial, w2, b2; head (dim, classes) and its bias."""
+    if not model.is_polynomial():
+        raise ValueError("swap the activations for polynomials first (to_polynomial)")
+    model.eval()
+    c = model.cfg
+    np64 = lambda t: t.detach().numpy().astype(np.float64)  # noqa: E731
+    lin = lambda m: (np64(m.weight).T, np64(m.bias))  # noqa: E731
+    hd, n = c.dim // c.heads, c.tokens
+    w_p, b_p = lin(model.patch)
+    plan = {"config": c.to_json(), "patch": w_p, "pos": b_p + np64(model.pos[0]), "layers": []}
+    for blk in model.blocks:
+        s1, t1 = blk.norm1.folded()
+        fold = lambda m, scale=1.0: ((s1[:, None] * lin(m)[0]) * scale, (t1 @ lin(m)[0] + lin(m)[1]) * scale)  # noqa: E731
+        (wq, bq), (wk, bk), (wv, bv) = fold(blk.attn.q, 1 / math.sqrt(hd)), fold(blk.attn.k), fold(blk.attn.v)
+        wo, bo = lin(blk.attn.o)
+        wo = wo / blk.attn.length_scale(n)
+        heads = [{"wq": wq[:, i * hd:(i + 1) * hd], "bq": bq[i * hd:(i + 1) * hd],
+                  "wk": wk[:, i * hd:(i + 1) * hd], "bk": bk[i * hd:(i + 1) * hd],
+                  "wv": wv[:, i * hd:(i + 1) * hd], "bv": bv[i * hd:(i + 1) * hd],
+                  "wo": wo[i * hd:(i + 1) * hd]} for i in range(c.heads)]
+        s2, t2 = blk.norm2.folded()
+        sm, tm = blk.norm_mlp.folded()
+        w1, b1 = lin(blk.fc1)
+        w1, b1 = (s2[:, None] * w1) * sm, (t2 @ w1 + b1) * sm + tm
+        w2, b2 = lin(blk.fc2)
+        plan["layers"].append({"heads": heads, "attn_poly": np64(blk.attn.act.coeffs), "bo": bo,
+                               "w1": w1, "b1": b1, "mlp_poly": np64(blk.act.coeffs), "w2": w2, "b2": b2})
+    sf, tf = model.norm.folded()
+    w_h, b_h = lin(model.head)
+    plan["head"], plan["head_bias"] = (sf[:, None] * w_h) / n, tf @ w_h + b_h
+    return plan
+
+
+def plan_forward(plan: dict, patches: np.ndarray) -> np.ndarray:
+    """The folded plan in float64 numpy: the plaintext polynomial model, op for op as stip.he
+    runs it on ciphertexts."""
+    x = patches @ plan["patch"] + plan["pos"]
+    for layer in plan["layers"]:
+        attn = layer["bo"]
+        for h in layer["heads"]:
+            q, k, v = (x @ h["w" + n] + h["b" + n] for n in "qkv")
+            s = np.polynomial.polynomial.polyval(q @ np.swapaxes(k, -1, -2), layer["attn_poly"])
+            attn = attn + (s @ v) @ h["wo"]
+        x = x + attn
+        u = np.polynomial.polynomial.polyval(x @ layer["w1"] + layer["b1"], layer["mlp_poly"])
+        x = x + u @ layer["w2"] + layer["b2"]
+    return x.sum(1) @ plan["head"] + plan["head_bias"]
+
+
+# --- training run and files ---------------------------------------------------------------------
+
+
+def train_polyformer(out, preset: str = "digits", dataset: str = "digits", data_dir=None, epochs: int = 40, degree: int = 4,
+                     method: str = "lsq", lr: float = 2e-3, seed: int = 0, tick=None, force: bool = False) -> dict:
+    """Train (resumable, like `stip train mpcvit`), swap in polynomials, write OUT/model.safetensors
+    and OUT/summary.json with the accuracy before and after the swap."""
+    import json
+    from pathlib import Path
+
+    from . import data
+    from .train import Schedule, accuracy, fit, open_run
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    out = Path(out)
+    train, test = data.load(dataset, data_dir, seed=seed)
+    from dataclasses import replace
+
+    cfg = replace(PRESETS[preset], classes=train.classes, channels=train.images.shape[1], image_size=train.images.shape[-1])
+    open_run(out, {"preset": preset, "dataset": dataset, "data_dir": str(data_dir) if data_dir else None, "epochs": epochs,
+                   "degree": degree, "method": method, "lr": lr, "seed": seed}, force=force)
+    torch.manual_seed(seed)
+    model = PolyViT(cfg)
+    fit(model, "train", train, Schedule(epochs, lr, 64, seed=seed), training_loss(), out, tick, augment=data.augmentation(dataset))
+    summary = {"config": cfg.to_json(), "twin_accuracy": accuracy(model, test)}
+    summary["fit"] = to_polynomial(model, train.images, degree, method)
+    summary["polynomial_accuracy"] = accuracy(model, test)
+    save(model, out / "model.safetensors", {"dataset": dataset, "data_dir": str(data_dir) if data_dir else None, "seed": seed})
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def save(model: PolyViT, path, extra: dict | None = None) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={"stip-polyformer": json.dumps({"config": model.cfg.to_json(), **(extra or {})})})
+
+
+def load(path) -> tuple[PolyViT, dict]:
+    """A file written by ``save``, or the model of a `stip train polyformer` folder."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    path = path / "model.safetensors" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: train one with `stip train polyformer OUT`")
+    with safe_open(str(path), "pt") as f:
+        meta = (f.metadata() or {}).get("stip-polyformer")
+    if meta is None:
+        raise ValueError(f"{path} is not a polynomial ViT written by stip")
+    info = json.loads(meta)
+    model = PolyViT(PolyConfig(**info.pop("config")))
+    state = load_file(str(path))
+    for name, m in model.named_modules():
+        if isinstance(m, Act):
+            m.coeffs = torch.zeros_like(state[f"{name}.coeffs"])  # size the buffers before loading
+    model.load_state_dict(state)
+    return model.eval(), info
