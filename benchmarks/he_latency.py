@@ -40,9 +40,11 @@ def main() -> int:
         t0 = time.perf_counter()
         plain = model(images)
         plain_s = time.perf_counter() - t0
-    he_acc = float((torch.as_tensor(logits).argmax(-1) == test.labels[: len(images)]).float().mean())
+    labels = test.labels[: len(images)]
+    he_acc = float((torch.as_tensor(logits).argmax(-1) == labels).float().mean())
+    agree = float((torch.as_tensor(logits).argmax(-1) == plain.argmax(-1)).float().mean())
     result = {"he": report.to_json(), "plaintext_seconds": plain_s, "he_over_plaintext": report.seconds / plain_s,
-              "accuracy": {"gelu_twin": summary["twin_accuracy"], "polynomial": summary["polynomial_accuracy"], "encrypted": he_acc},
+              "accuracy": {"gelu_twin": summary["twin_accuracy"], "polynomial": summary["polynomial_accuracy"], "encrypted": he_acc, "encrypted_vs_plaintext_top1": agree},
               "stip": "not run: STIP seals Hugging Face families; this PolyViT is a custom module (see the issue note)"}
     if args.json:
         print(json.dumps(result))
