@@ -16,6 +16,7 @@ import torch
 from stip.models import data, mpcvit
 from stip.models.mpcvit import Recipe, binarize, to_mpc, train_mpcvit
 from stip.mpc.model import forward
+from stip.mpc.parties import config_from_json, config_to_json
 from stip.mpc.runner import simulate
 
 TINY = replace(mpcvit.PRESETS["digits"], layers=2)
@@ -43,6 +44,8 @@ def test_export_runs_the_same_heads(granularity, linear_gelu):
     cfg, params = to_mpc(model)
     got = np.asarray(forward(cfg, params, mpcvit.embed(model, x)))
     assert float(np.abs(got - ref).max()) <= 1e-4
+    # the config crosses to the party processes as JSON (stip mpc run --parties procs)
+    assert config_from_json(json.loads(json.dumps(config_to_json(cfg)))) == cfg
 
 
 def test_binarize_keeps_the_top_fraction():

@@ -43,7 +43,10 @@ def config_to_json(cfg: Config) -> dict:
 def config_from_json(d: dict) -> Config:
     d = dict(d)
     if not isinstance(d["attention"], str):
-        d["attention"] = tuple(tuple(layer) for layer in d["attention"])
+        # per head one kind, or (MPCViT rows) one kind per query row
+        d["attention"] = tuple(tuple(h if isinstance(h, str) else tuple(h) for h in layer) for layer in d["attention"])
+    if d.get("act_rows") is not None:
+        d["act_rows"] = tuple(tuple(rows) for rows in d["act_rows"])
     d["poly_act"], d["poly_attn"] = tuple(d["poly_act"]), tuple(d["poly_attn"])
     return Config(**d)
 
