@@ -30,6 +30,7 @@ from torch import nn
 SCALING, RELU_SOFTMAX, SOFTMAX = 0, 1, 2
 KIND_NAMES = {SCALING: "scaling", RELU_SOFTMAX: "relu_softmax", SOFTMAX: "softmax"}
 GRANULARITIES = ("head", "layer", "row")
+KIND = "stip-mpcvit"  # the metadata key of its model files
 EPS = 1e-5
 
 
@@ -314,50 +315,26 @@ def embed(model: MPCViT, images: torch.Tensor) -> np.ndarray:
 
 def save(model: MPCViT, path, extra: dict | None = None) -> None:
     """safetensors weights (buffers included: the head kinds) + the config in its metadata."""
-    import json
+    from . import checkpoint
 
-    from safetensors.torch import save_file
-
-    meta = {"stip-mpcvit": json.dumps({"config": model.cfg.to_json(), **(extra or {})})}
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith(("alpha", "beta"))}
-    save_file(state, str(path), metadata=meta)
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith(("alpha", "beta"))}
+    checkpoint.save(state, path, KIND, model.cfg.to_json(), extra)
 
 
 def is_checkpoint(path) -> bool:
     """True for a file (or a `stip train mpcvit` folder's model) that ``load`` reads."""
-    from pathlib import Path
+    from . import checkpoint
 
-    from safetensors import safe_open
-
-    path = Path(path)
-    path = path / "model.safetensors" if path.is_dir() else path
-    if path.suffix != ".safetensors" or not path.is_file():
-        return False
-    try:
-        with safe_open(str(path), "pt") as f:
-            return "stip-mpcvit" in (f.metadata() or {})
-    except Exception:
-        return False
+    return checkpoint.info(path, KIND) is not None
 
 
 def load(path) -> tuple[MPCViT, dict]:
     """Reads a file written by ``save``, or the final model of a `stip train mpcvit` folder."""
-    import json
+    from . import checkpoint
 
-    from safetensors import safe_open
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    path = path / "model.safetensors" if path.is_dir() else path
-    with safe_open(str(path), "pt") as f:
-        meta = (f.metadata() or {}).get("stip-mpcvit")
-    if meta is None:
-        raise ValueError(f"{path} is not an MPCViT checkpoint written by stip")
-    info = json.loads(meta)
+    state, info = checkpoint.load(path, KIND, "an MPCViT checkpoint", "train one with `stip train mpcvit OUT`")
     model = MPCViT(ViTConfig(**info.pop("config")))
-    model.load_state_dict(load_file(str(path)))
+    model.load_state_dict(state)
     return model.eval(), info
 
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 FITS = ("lsq", "minimax")
+KIND = "stip-polyformer"  # the metadata key of its model files
 
 
 @dataclass(frozen=True)
@@ -336,33 +337,17 @@ def train_polyformer(out, preset: str = "digits", dataset: str = "digits", data_
 
 
 def save(model: PolyViT, path, extra: dict | None = None) -> None:
-    import json
+    from . import checkpoint
 
-    from safetensors.torch import save_file
-
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"stip-polyformer": json.dumps({"config": model.cfg.to_json(), **(extra or {})})})
+    checkpoint.save(model.state_dict(), path, KIND, model.cfg.to_json(), extra)
 
 
 def load(path) -> tuple[PolyViT, dict]:
     """A file written by ``save``, or the model of a `stip train polyformer` folder."""
-    import json
-    from pathlib import Path
+    from . import checkpoint
 
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    path = path / "model.safetensors" if path.is_dir() else path
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: train one with `stip train polyformer OUT`")
-    with safe_open(str(path), "pt") as f:
-        meta = (f.metadata() or {}).get("stip-polyformer")
-    if meta is None:
-        raise ValueError(f"{path} is not a polynomial ViT written by stip")
-    info = json.loads(meta)
+    state, info = checkpoint.load(path, KIND, "a polynomial ViT", "train one with `stip train polyformer OUT`")
     model = PolyViT(PolyConfig(**info.pop("config")))
-    state = load_file(str(path))
     for name, m in model.named_modules():
         if isinstance(m, Act):
             m.coeffs = torch.zeros_like(state[f"{name}.coeffs"])  # size the buffers before loading
