@@ -369,20 +369,20 @@ class Recipe:
         return replace(PRESETS[self.preset], classes=classes, linear_gelu=self.linear_gelu)
 
 
-def unit_weights(cfg: ViTConfig, granularity: str, measured: dict | None) -> tuple[float, dict]:
-    """The L1 weight of one α unit: the latency a unit saves as scaling instead of ReLU-softmax,
-    from measured SPU costs of one head (LAN estimate: time + bytes/bandwidth + rounds × RTT),
-    normalised to a mean of 1 so that λ keeps MPCViT's meaning. Every unit of one granularity
-    covers the same work, so the weight is one number; "uniform" gives 1 (MPCViT's code)."""
+def unit_latency(cfg: ViTConfig, granularity: str, measured: dict | None) -> dict:
+    """The latency one α unit saves as scaling instead of ReLU-softmax, from measured SPU costs
+    of one head (LAN estimate: time + bytes/bandwidth + rounds × RTT). It is the L1 weight of
+    every unit, normalised to a mean of 1 so that λ keeps MPCViT's meaning: every unit of one
+    granularity covers the same work, so the normalised weight is 1 — MPCViT's plain L1."""
     if measured is None:
-        return 1.0, {}
+        return {}
     from ..mpc import netem
 
     lan = netem.PROFILES["lan"]
     est = {k: netem.estimate(v["seconds"], [v["bytes"]], v["send_actions"], lan) for k, v in measured.items()}
     per_head = max(est["relu_softmax"] - est["scaling"], 0.0)
     rows = {"head": 1, "layer": 1 / cfg.heads, "row": cfg.tokens}[granularity]
-    return 1.0, {"lan_seconds_per_head": est, "seconds_saved_per_unit": per_head / rows}
+    return {"lan_seconds_per_head": est, "seconds_saved_per_unit": per_head / rows}
 
 
 def train_mpcvit(recipe: Recipe, out, tick=None, force: bool = False) -> dict:
@@ -427,15 +427,14 @@ def train_mpcvit(recipe: Recipe, out, tick=None, force: bool = False) -> dict:
             if tick is not None:
                 tick("spu head costs", 1, 1, "done")
         measured = json.loads(costs_file.read_text())
-    weight, weight_info = unit_weights(cfg, recipe.granularity, measured)
-    summary["latency_weights"] = {"kind": recipe.latency_weights, "measured": measured, **weight_info}
+    summary["latency_weights"] = {"kind": recipe.latency_weights, "measured": measured, **unit_latency(cfg, recipe.granularity, measured)}
 
     model = copy.deepcopy(teacher)
     model.start_search(recipe.granularity)
 
     def search_loss(m, x, y):
         penalty = sum(p.abs().sum() for p in m.search_parameters())
-        return F.cross_entropy(m(x), y) + recipe.lam * weight * penalty
+        return F.cross_entropy(m(x), y) + recipe.lam * penalty  # unit weight 1: see unit_latency
 
     fit(model, "search", train, sched(recipe.search_epochs), search_loss, out, tick, after_step=model.clamp_search, augment=aug)
     summary["search_accuracy"] = accuracy(model, test)

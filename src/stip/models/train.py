@@ -121,11 +121,6 @@ def _save(state: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def stage_done(out: Path, name: str) -> bool:
-    path = out / "stages" / f"{name}.pt"
-    return path.exists() and torch.load(path, weights_only=True)["done"]
-
-
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, split: Split, batch_size: int = 256) -> float:
     model.eval()
