@@ -214,3 +214,52 @@ def test_label_names_stay_with_the_client(tmp_path):
     assert "secret-" not in (tmp_path / "out/server/config.json").read_text()
     assert "secret-0" in (tmp_path / "out/client/config.json").read_text()
     assert '"stip"' not in (tmp_path / "out/client/config.json").read_text()
+
+
+def _poly_vit():
+    from stip.models import polyformer as pf
+
+    gen = torch.Generator().manual_seed(5)
+    torch.manual_seed(5)
+    model = pf.PolyViT(pf.PRESETS["digits"]).eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so a forgotten one shows
+        for m in model.modules():
+            if isinstance(m, pf.Norm):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen))
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=gen))
+    images = torch.rand(6, 1, 8, 8, generator=gen) * 16
+    pf.to_polynomial(model, images, degree=4)
+    return model, images
+
+
+def _poly_sealed_error(model, images):
+    from stip.seal import polyvit
+
+    sealed = polyvit.seal(model)
+    with torch.no_grad():
+        got, ref = sealed.client.decode(sealed.server.body(sealed.client.embed(images))), model(images)
+    return float((got - ref).abs().max() / ref.abs().max()), sealed  # relative: untrained logits are large
+
+
+def test_polynomial_vit_seals_losslessly():
+    model, images = _poly_vit()
+    err, sealed = _poly_sealed_error(model, images)
+    assert err < 1e-5
+    assert not sealed.server.patch.weight.any() and not sealed.server.pos.any()  # P3's part
+    assert not torch.equal(sealed.server.blocks[0].fc1.weight, model.blocks[0].fc1.weight)
+    assert not hasattr(sealed.client, "blocks")  # P3 holds the embedding only
+
+
+def test_forgotten_batch_norm_permutation_is_caught(monkeypatch):
+    model, images = _poly_vit()
+    real, calls = rules.batch_norm, []
+
+    def forgetful(mod, p):
+        calls.append(mod)
+        if len(calls) > 1:
+            real(mod, p)
+
+    monkeypatch.setattr(rules, "batch_norm", forgetful)
+    assert _poly_sealed_error(model, images)[0] > 1e-2

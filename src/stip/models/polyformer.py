@@ -160,14 +160,20 @@ class PolyViT(nn.Module):
 
     def patches(self, images):
         """(batch, tokens, patch_dim): what the user encrypts (pixels only, no weights)."""
-        p = self.cfg.patch
-        return F.unfold(images, p, stride=p).transpose(1, 2)
+        return patches(images, self.cfg.patch)
 
-    def forward(self, images):
-        x = self.patch(self.patches(images)) + self.pos
+    def embed(self, images):
+        """Patch and position embedding: STIP's client-side part."""
+        return self.patch(self.patches(images)) + self.pos
+
+    def body(self, x):
+        """Blocks, final norm, mean pool and head: what a STIP server runs on sealed weights."""
         for blk in self.blocks:
             x = blk(x)
         return self.head(self.norm(x).mean(1))
+
+    def forward(self, images):
+        return self.body(self.embed(images))
 
     def acts(self) -> list[Act]:
         return [m for m in self.modules() if isinstance(m, Act)]
@@ -180,6 +186,11 @@ class PolyViT(nn.Module):
 
     def is_polynomial(self) -> bool:
         return all(a.coeffs.numel() for a in self.acts())
+
+
+def patches(images, size: int):
+    """Non-overlapping size×size patches of (batch, channels, H, W), flattened per token."""
+    return F.unfold(images, size, stride=size).transpose(1, 2)
 
 
 def training_loss(alpha: float = 1e-2, beta: float = 1e-3):

@@ -60,6 +60,14 @@ def norm(mod: nn.Module, p: np.ndarray) -> None:
 
 
 @torch.no_grad()
+def batch_norm(mod: nn.Module, p: np.ndarray) -> None:
+    """BatchNorm over the permuted features: per-feature statistics move with their feature."""
+    norm(mod, p)
+    for name in ("running_mean", "running_var"):
+        setattr(mod, name, _gather(getattr(mod, name), 0, p).contiguous())
+
+
+@torch.no_grad()
 def columns(t: torch.Tensor, p: np.ndarray, dim: int = -1) -> None:
     """Permute one dimension of a raw parameter (e.g. a per-head bias table's head axis)."""
     _assign(t, _gather(t, dim % t.dim(), p))
