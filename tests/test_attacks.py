@@ -1,56 +1,134 @@
-"""Attacks from P2's side on the real MiniLM: the documented limitations are real."""
+"""Attacks from P2's side on the real MiniLM: the documented limitations are real, the
+mitigations do what docs/threat-model.md says, and its figures are what the commands measure."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer
 
-from stip.attacks import known_plaintext, vocab_match
-from stip.seal import load_source, seal
+from stip.attacks import attention, figures, plaintext, scenario, vocab
+from stip.seal import load_source, rekey, seal_folder
+from stip.serve import engine
 
-TEXTS = ["The quick brown fox jumps over the lazy dog.", "My password is hunter2 and my bank is in Zurich.",
-         "Patient John Smith was diagnosed with diabetes in 2019."]
+STIP = [sys.executable, "-m", "stip.cli"]
+DOC = Path(__file__).parents[1] / "docs" / "threat-model.md"
 
 
 @pytest.fixture(scope="module")
-def public(minilm_path):
-    model = load_source(minilm_path)
-    enc = AutoTokenizer.from_pretrained(minilm_path)(TEXTS, padding=True, return_tensors="pt")
-    e = model.embeddings
-    offsets = e.position_embeddings.weight[: enc["input_ids"].shape[1]] + e.token_type_embeddings.weight[0]
-    return model, enc, offsets
-
-
-def _rate(model_for_user, public_model, enc, offsets) -> float:
-    """Seal ``model_for_user``; P2 matches what it receives against the *public* tables."""
-    sealed = seal(model_for_user)
-    x = sealed.client.permuted_embeddings(enc["input_ids"])
-    ids = vocab_match(x, public_model.embeddings.word_embeddings.weight, offsets)
-    mask = enc["attention_mask"].bool()
-    return float((ids == enc["input_ids"])[mask].float().mean())
+def private_embeddings(tmp_path_factory, minilm_path):
+    tmp = tmp_path_factory.mktemp("private-emb")
+    seal_folder(scenario.private_variant(minilm_path, tmp / "model", "reinit-embeddings"), tmp / "sealed")
+    return tmp / "sealed"
 
 
 @pytest.mark.slow
-def test_vocab_matching_recovers_tokens_of_a_public_model(public):
-    model, enc, offsets = public
-    assert _rate(model, model, enc, offsets) >= 0.9  # measured: 1.0 (38 of 38 tokens)
+def test_vocab_matching_recovers_tokens_of_a_public_model(minilm_sealed_dir, minilm_path):
+    r = scenario.vocab(minilm_sealed_dir, minilm_path)
+    assert r.recovery_rate >= 0.9 and r.n == 56  # measured: 1.0
+    assert r.details["recovered"][1] == "my password is hunter2 and my bank is in zurich."
 
 
 @pytest.mark.slow
-def test_vocab_matching_fails_on_private_embeddings(public, minilm_path):
-    model, enc, offsets = public
-    private = load_source(minilm_path)
-    torch.manual_seed(1)
-    torch.nn.init.normal_(private.embeddings.word_embeddings.weight, std=0.05)
-    assert _rate(private, model, enc, offsets) <= 0.1
+def test_vocab_matching_fails_on_private_embeddings(private_embeddings, minilm_path):
+    assert scenario.vocab(private_embeddings, minilm_path).recovery_rate <= 0.1
 
 
-def test_known_plaintext_recovers_pi_exactly(public):
-    model, enc, offsets = public
-    sealed = seal(model)
-    x_perm = sealed.client.permuted_embeddings(enc["input_ids"][:1])
+@pytest.mark.slow
+def test_weight_matching_recovers_the_key_of_a_public_model_and_decrypts_traffic(minilm_sealed_dir, minilm_path):
+    r = scenario.weights(minilm_sealed_dir, minilm_path)
+    assert r.recovery_rate == 1.0 and r.n == 384
+    assert r.details["tensors_unsealed"] == r.details["tensors"]  # every per-layer permutation too
+    assert r.details["traffic_rows_decrypted"] == 1.0 and r.details["tokens_decrypted"] == 1.0
+
+
+@pytest.mark.slow
+def test_weight_matching_fails_on_private_weights(tmp_path, minilm_path):
+    seal_folder(scenario.private_variant(minilm_path, tmp_path / "model", "reinit-all"), tmp_path / "sealed")
+    r = scenario.weights(tmp_path / "sealed", minilm_path)
+    assert r.recovery_rate <= 0.05 and r.details["traffic_rows_decrypted"] == 0.0
+
+
+def test_known_plaintext_recovers_pi_exactly(minilm_sealed_dir):
+    t = scenario.capture(minilm_sealed_dir, scenario.TEXTS[:1])
+    pi = plaintext.known_plaintext(t.plain[0].numpy(), t.sent[0].numpy())
+    assert np.array_equal(pi, scenario._true_key(minilm_sealed_dir).pi)
+
+
+@pytest.mark.slow
+def test_p2_sees_plaintext_hidden_states_and_attention_maps_up_to_order(minilm_sealed_dir, minilm_path):
+    t = scenario.capture(minilm_sealed_dir)
+    server, public = engine.load(minilm_sealed_dir / "server"), load_source(minilm_path)
+    pi = torch.tensor(scenario._true_key(minilm_sealed_dir).pi)
+    keep = t.mask.bool()
+    seen = vocab.hidden(server, 2, inputs_embeds=t.sent, attention_mask=t.mask)
+    truth = vocab.hidden(public, 2, input_ids=t.ids, attention_mask=t.mask)[..., pi]
+    assert (seen - truth)[keep].abs().max() < 1e-4
+    sealed_maps, plain_maps = attention.maps(server, t.mask, inputs_embeds=t.sent), attention.maps(public, t.mask, input_ids=t.ids)
+    for a, p in zip(sealed_maps, plain_maps):  # the same maps, heads reordered
+        assert (a.sort(1).values - p.sort(1).values).abs().max() < 1e-4
+
+
+@pytest.mark.slow
+def test_rekey_is_lossless_and_retires_the_old_key(minilm_sealed_dir, minilm_path, tmp_path):
+    new = rekey(minilm_sealed_dir, tmp_path / "rekeyed")
+    assert new.key.fingerprint != scenario._true_key(minilm_sealed_dir).fingerprint
+    t = scenario.capture(tmp_path / "rekeyed")
+    server = engine.load(tmp_path / "rekeyed" / "server")
+    got = new.client.unpermute_outputs(engine.forward(server, t.sent, attention_mask=t.mask))["last_hidden_state"]
     with torch.no_grad():
-        x = model.embeddings.word_embeddings(enc["input_ids"][:1]) + offsets
-    assert np.array_equal(known_plaintext(x[0].numpy(), x_perm[0].numpy()), sealed.key.pi)
+        ref = load_source(minilm_path)(input_ids=t.ids, attention_mask=t.mask).last_hidden_state
+    assert (got - ref)[t.mask.bool()].abs().max() < 1e-4
+    stale = scenario.cross_key(minilm_sealed_dir, tmp_path / "rekeyed")
+    assert stale.recovery_rate < 0.05 and stale.details["traffic_rows_decrypted"] == 0.0
+
+
+@pytest.mark.slow
+def test_seal_warns_when_the_model_is_a_public_checkpoint(minilm_path, private_embeddings, tmp_path):
+    done = subprocess.run(STIP + ["seal", str(minilm_path), str(tmp_path / "a"), "--public-base", str(minilm_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("WARNING") == 2 and "vocabulary matching" in done.stderr and "weight matching" in done.stderr
+    other = tmp_path / "other"
+    scenario.private_variant(minilm_path, other, "reinit-all")
+    done = subprocess.run(STIP + ["seal", str(other), str(tmp_path / "b"), "--public-base", str(minilm_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "WARNING" not in done.stderr and "embedding table not public" in done.stderr
+
+
+def test_attack_cli_prints_recovery_rate_and_n(minilm_sealed_dir):
+    done = subprocess.run(STIP + ["attack", "known-plaintext", "--sealed", str(minilm_sealed_dir), "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    r = json.loads(done.stdout)
+    assert r["recovery_rate"] == 1.0 and r["n"] == 384 and r["traffic_rows_decrypted"] == 1.0
+    bad = subprocess.run(STIP + ["attack", "vocab", "--sealed", "/nonexistent", "--public", "/nonexistent"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "is not a folder" in bad.stderr
+
+
+QUICK = {"vocab.public", "weights.public", "weights.public.tokens", "known_plaintext.public", "known_plaintext.public.traffic",
+         "attention.public.auc", "attention.public.precision", "vocab.private_embeddings", "weights.private_embeddings",
+         "weights.private_all", "per_user.other_user_traffic", "rekey.old_key_traffic", "rekey.vocab", "rekey.weights"}
+
+
+@pytest.mark.slow
+def test_threat_model_figures_are_what_the_commands_measure(tmp_path):
+    """Every figure id is in the document; the quick ones are re-measured here (the rest by
+    benchmarks/attacks.py, which runs the same check on all)."""
+    text = DOC.read_text()
+    doc = figures.documented(text)
+    assert set(doc) == set(figures.IDS)
+    measured = figures.measure(tmp_path, only=QUICK)
+    assert set(measured) == QUICK
+    assert figures.disagreements(text, measured) == []
+
+
+def test_documented_figures_are_parsed_and_compared():
+    text = "| `a.b` | what | 97.5 % | `cmd` |\n| `c` | x | 0.0 % | y |\n| not a figure | 1 % |"
+    assert figures.documented(text) == {"a.b": 0.975, "c": 0.0}
+    assert figures.disagreements(text, {"a.b": {"value": 0.90}, "c": {"value": 0.01}}) == ["a.b: documented 97.5 %, measured 90.0 %"]

@@ -35,6 +35,7 @@ def seal(
     out_dir: Optional[Path] = typer.Argument(None, metavar="OUT", help="Folder to write server/, client/ and provider/ into."),
     default: Optional[Path] = typer.Option(None, "--default", metavar="OUT", help="Seal the embedded default model (all-MiniLM-L6-v2) into OUT."),
     force: bool = typer.Option(False, "--force", help="Replace an existing, non-empty OUT."),
+    public_base: Optional[Path] = typer.Option(None, "--public-base", metavar="DIR", help="A public checkpoint this model derives from: warn if the cloud could use it to attack (docs/threat-model.md)."),
 ) -> None:
     """Draw a secret key and seal a model (P1).
 
@@ -53,6 +54,8 @@ def seal(
         fail("usage: stip seal SRC OUT  |  stip seal --default OUT")
 
     try:
+        if public_base is not None:
+            _warn_public_base(src, public_base)
         from transformers import AutoConfig
 
         if not (src / "config.json").is_file():
@@ -72,6 +75,42 @@ def seal(
     out.print(f"sealed [bold]{sealed.key.model['architecture']}[/] into {out_dir}")
     out.print("  server/   → the cloud (P2)\n  client/   → the user (P3), out of band\n  provider/ → keep private")
     out.print(f"fingerprint {sealed.key.fingerprint}")
+
+
+def _warn_public_base(src: Path, base: Path) -> None:
+    from .attacks import exposure
+    from .seal import load_source
+
+    report = exposure.compare(load_source(src), load_source(base))
+    found = exposure.warnings(report)
+    for w in found:
+        err.print(f"[bold red]WARNING — STIP does not protect this deployment:[/] {w}", highlight=False, soft_wrap=True)
+    if found:
+        err.print("[bold red]Mitigations:[/] keep the embedding table private (fine-tune or re-initialise it) and the "
+                  "weights far from the public base; see docs/threat-model.md.")
+    else:
+        err.print(f"checked against {base}: {len(report['identical'])} identical and {len(report['near'])} near tensors, "
+                  "embedding table not public")
+
+
+@app.command()
+def rekey(
+    sealed_dir: Path = typer.Argument(..., metavar="OUT", help="A folder written by `stip seal` (with provider/)."),
+    new_dir: Path = typer.Argument(..., metavar="NEW", help="Folder for the re-keyed server/, client/ and provider/."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing, non-empty NEW."),
+) -> None:
+    """Re-key a sealed model from its provider key alone (P1): a fresh key composed with the old
+    one, for key rotation or one key per user. The old client key no longer decrypts anything."""
+    from .keys import InvalidKey
+    from .seal import rekey as run_rekey
+    from .serve.engine import NotSealed
+
+    try:
+        with err.status(f"re-keying {sealed_dir} …"):
+            sealed = run_rekey(sealed_dir, new_dir, force=force)
+    except (FileNotFoundError, FileExistsError, InvalidKey, NotSealed, ValueError, OSError) as e:
+        fail(str(e))
+    out.print(f"re-keyed into {new_dir}; fingerprint {sealed.key.fingerprint}")
 
 
 @app.command()
@@ -494,6 +533,70 @@ def he_run(
     p = report.params
     t.add_row("parameters", f"N={p['poly_modulus_degree']}, log q={p['log_q']}, scale 2^{p['scale_bits']}, {p['levels']} levels, 128-bit")
     out.print(t)
+
+
+attack_app = typer.Typer(no_args_is_help=True, help="Attacks on a sealed model from the cloud's (P2's) side; see docs/threat-model.md.")
+app.add_typer(attack_app, name="attack")
+
+_SEALED = typer.Option(..., "--sealed", metavar="OUT", help="A folder written by `stip seal` (provider/ is read only to score).")
+_PUBLIC = typer.Option(..., "--public", metavar="SRC", help="The public model folder the attacker knows.")
+_TEXTS = typer.Option(None, "--text", help="A prompt the user sends (repeatable; default: four built-in sentences).")
+_JSON = typer.Option(False, "--json", help="Print one JSON object (recovery_rate, n, details).")
+
+
+def _attack(name: str, as_json: bool, **kwargs) -> None:
+    import json
+
+    from .attacks import scenario
+
+    if kwargs.get("texts") is None:
+        kwargs.pop("texts", None)
+    else:
+        kwargs["texts"] = tuple(kwargs["texts"])
+    for arg in ("sealed", "public"):
+        if arg in kwargs and not Path(kwargs[arg]).is_dir():
+            fail(f"--{arg} {kwargs[arg]} is not a folder")
+    try:
+        with err.status(f"running the {name} attack …"):
+            result = scenario.ATTACKS[name](**kwargs)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        fail(str(e))
+    if as_json:
+        print(json.dumps(result.to_json()))
+        return
+    out.print(f"[bold]{name}[/]: recovery rate {100 * result.recovery_rate:.1f} % of {result.n}")
+    for k, v in result.details.items():
+        if k != "attack":
+            out.print(f"  {k}: {v}", highlight=False, soft_wrap=True)
+
+
+@attack_app.command("vocab")
+def attack_vocab(sealed: Path = _SEALED, public: Path = _PUBLIC, texts: Optional[list[str]] = _TEXTS,
+                 layers: int = typer.Option(0, "--layers", min=0, help="Attack P2's hidden states after this many layers (0: the input rows)."),
+                 as_json: bool = _JSON) -> None:
+    """Vocabulary matching: recover the user's tokens from the permuted activations P2 sees,
+    knowing the public embedding table (and, for --layers k, the public model)."""
+    _attack("vocab", as_json, sealed=sealed, public=public, texts=texts, layers=layers)
+
+
+@attack_app.command("weights")
+def attack_weights(sealed: Path = _SEALED, public: Path = _PUBLIC, texts: Optional[list[str]] = _TEXTS, as_json: bool = _JSON) -> None:
+    """Weight matching: recover π and the per-layer permutations from the sealed checkpoint and
+    a public base checkpoint, then decrypt the captured traffic with the recovered π."""
+    _attack("weights", as_json, sealed=sealed, public=public, texts=texts)
+
+
+@attack_app.command("known-plaintext")
+def attack_known_plaintext(sealed: Path = _SEALED, texts: Optional[list[str]] = _TEXTS, as_json: bool = _JSON) -> None:
+    """Known plaintext: recover π from one leaked pair (x, xπ), then decrypt other traffic."""
+    _attack("known-plaintext", as_json, sealed=sealed, texts=texts)
+
+
+@attack_app.command("attention")
+def attack_attention(sealed: Path = _SEALED, texts: Optional[list[str]] = _TEXTS, as_json: bool = _JSON) -> None:
+    """Attention leakage: which tokens repeat, from the attention maps P2 computes in the clear
+    (recovery rate: precision of the top-m position pairs, m the number of repeated pairs)."""
+    _attack("attention", as_json, sealed=sealed, texts=texts)
 
 
 @app.command()

@@ -224,6 +224,37 @@ def write(sealed: Sealed, out: str | Path, preprocessing_from: str | Path | None
     sealed.key.save(provider_dir / KEY_FILE)
 
 
+def rekey(sealed_dir: str | Path, out: str | Path, *, force: bool = False) -> Sealed:
+    """Re-key a sealed model from its provider key alone (no need for the original weights):
+    draw a fresh key F and seal the sealed model with it. Sealing is a gather on every axis,
+    so the result is the model sealed under the composition Π∘F (each permutation p becomes
+    p[f]); the client keeps its embedding tables and gets the new π, π_c. Use it to rotate keys,
+    or to give each user their own key from one sealing."""
+    from ..serve import engine
+
+    sealed_dir, out = Path(sealed_dir), Path(out)
+    if out.resolve() == sealed_dir.resolve():
+        raise ValueError("write the re-keyed model to a new folder, not over the one it comes from")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"{out} exists and is not empty (pass force=True / --force to replace it)")
+    old = keys_.load(sealed_dir / PROVIDER / KEY_FILE)
+    if not isinstance(old, Key):
+        raise keys_.InvalidKey(f"{sealed_dir / PROVIDER / KEY_FILE} is not a provider key")
+    server = engine.load(sealed_dir / SERVER)
+    bundle = ClientBundle.load(sealed_dir / CLIENT)
+    meta = getattr(server.config, SERVER_META)
+    if not old.fingerprint == bundle.fingerprint == meta["fingerprint"]:
+        raise keys_.InvalidKey(f"{sealed_dir}: the provider key, client key and server checkpoint belong to different sealings")
+    fresh = keys_.generate(old.layout, old.model)
+    family_of(server).seal_(server, fresh)
+    new = Key({n: old[n][fresh[n]] for n in old.names()}, old.layout, old.model)
+    client_side = {n: "drop" for n in meta["client_side"]} | {n: "zero" for n in meta["zeroed"]}
+    _server_config(server.config, new, client_side)
+    sealed = Sealed(server=server, client=ClientBundle(config=bundle.config, key=new.client_key(), tensors=bundle.tensors), key=new)
+    write(sealed, out, preprocessing_from=sealed_dir / CLIENT)
+    return sealed
+
+
 def _default_image_processor(config):
     """For a source without one: resize to the model's input size, ImageNet-style normalisation."""
     from transformers import ViTImageProcessor

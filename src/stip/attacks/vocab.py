@@ -1,0 +1,109 @@
+"""Vocabulary matching (Thomas, Pal et al., ICML 2025): prompts from permuted activations.
+
+P2 receives the rows xπ of the input activations. Sorting a row undoes π, so each sorted row
+is compared with the sorted rows of the public embedding table (plus what the model adds at
+that position): ``match``. Deeper in the model, after k layers, a row depends on the whole
+context; ``match_hidden`` runs the public model's first k layers on candidate prompts and
+keeps the candidates whose sorted hidden rows are nearest to what P2 observed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def match(x_perm: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor | None = None, chunk: int = 4096) -> torch.Tensor:
+    """Token ids from permuted input rows (batch, tokens, d): each row's sorted values against
+    the sorted rows of ``table + offsets[t]`` (offsets: what the model adds at position t, e.g.
+    BERT's position + token-type rows; None when table rows are sent as they are). Nearest in
+    L2 between sorted vectors; one sort of the candidates per position."""
+    b, n, _ = x_perm.shape
+    x_sorted = x_perm.double().sort(-1).values
+    out = torch.empty(b, n, dtype=torch.long)
+    plain = table.double().sort(-1).values if offsets is None else None
+    for t in range(n):
+        cands = plain if offsets is None else (table.double() + offsets[t].double()).sort(-1).values
+        out[:, t] = _nearest(x_sorted[:, t], cands, chunk)
+    return out
+
+
+def _nearest(rows: torch.Tensor, cands: torch.Tensor, chunk: int, k: int = 1) -> torch.Tensor:
+    """Indices of the k nearest candidates (L2) of each row, chunked over the candidates."""
+    best_d = torch.full((len(rows), 0), float("inf"), dtype=torch.float64)
+    best_i = torch.zeros((len(rows), 0), dtype=torch.long)
+    for i in range(0, len(cands), chunk):
+        d = torch.cdist(rows, cands[i : i + chunk])
+        best_d = torch.cat([best_d, d], 1)
+        best_i = torch.cat([best_i, torch.arange(i, i + d.shape[1]).expand(len(rows), -1)], 1)
+        keep = best_d.topk(min(k, best_d.shape[1]), largest=False)
+        best_d, best_i = keep.values, best_i.gather(1, keep.indices)
+    return best_i[:, 0] if k == 1 else best_i
+
+
+def _layers(model) -> tuple[torch.nn.Module, str]:
+    base = model.base_model
+    holder = base.encoder if hasattr(base, "encoder") else base
+    return holder, next(n for n in ("layer", "h", "layers") if isinstance(getattr(holder, n, None), torch.nn.ModuleList))
+
+
+@torch.no_grad()
+def hidden(model, k: int, *, input_ids=None, inputs_embeds=None, attention_mask=None) -> torch.Tensor:
+    """The hidden states after k layers: of the public model from ids, or — run by P2 on the
+    sealed model from the permuted embeddings it received — exactly what P2 observes there.
+    Only the first k layers run (a hook catches layer k's output)."""
+    holder, name = _layers(model)
+    full = getattr(holder, name)
+    seen = []
+    tap = (full[k - 1] if k else model.base_model.embeddings).register_forward_hook(
+        lambda _m, _i, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    setattr(holder, name, full[:k])
+    try:
+        model.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+    finally:
+        setattr(holder, name, full)
+        tap.remove()
+    return seen[0]
+
+
+def _standard_sorted(x: torch.Tensor) -> torch.Tensor:
+    s = x.double().sort(-1).values
+    return (s - s.mean(-1, keepdim=True)) / (s.std(-1, keepdim=True) + 1e-12)
+
+
+@torch.no_grad()
+def match_hidden(observed: torch.Tensor, mask: torch.Tensor, public, k: int, shortlist: int = 64, sweeps: int = 2,
+                 chunk: int = 4096) -> torch.Tensor:
+    """Token ids from P2's hidden states after k ≥ 1 layers (batch, tokens, d, permuted by π).
+
+    1. Shortlist: per position, the ``shortlist`` tokens whose public layer-0 row (embedding
+       and its norm, at that position) is nearest in sorted, standardised values.
+    2. Refine: coordinate descent over positions; at each, try every shortlisted token in the
+       current guess's context, run the public model's first k layers, keep the candidate
+       whose sorted hidden rows (all positions) are nearest to the observed ones.
+    A token missing from its shortlist is never recovered, so this is a lower bound on what
+    a patient attacker gets."""
+    vocab = public.get_input_embeddings().num_embeddings
+    every = torch.arange(vocab)
+    out = torch.empty(observed.shape[:2], dtype=torch.long)
+    for b in range(len(observed)):
+        n = int(mask[b].sum())
+        obs = _standard_sorted(observed[b, :n])
+        cands = [_nearest(obs[t : t + 1], _standard_sorted(_layer0_at(public, every, t)), chunk, shortlist)[0] for t in range(n)]
+        guess = torch.stack([c[0] for c in cands])
+        for _ in range(sweeps):
+            for t in range(n):
+                trial = guess.expand(len(cands[t]), -1).clone()
+                trial[:, t] = cands[t]
+                h = hidden(public, k, input_ids=trial, attention_mask=torch.ones_like(trial))
+                dist = ((_standard_sorted(h) - obs) ** 2).sum((-1, -2))
+                guess[t] = cands[t][dist.argmin()]
+        out[b, :n] = guess
+        out[b, n:] = -1
+    return out
+
+
+def _layer0_at(public, ids: torch.Tensor, t: int) -> torch.Tensor:
+    """Layer-0 rows of every token alone at position t (embedding sums and their norm)."""
+    emb = public.base_model.embeddings
+    return emb(input_ids=ids[:, None], position_ids=torch.full((len(ids), 1), t))[:, 0]
