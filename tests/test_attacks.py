@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from stip.attacks import attention, figures, plaintext, scenario, vocab
+from stip.attacks import attention, figures, plaintext, scenario
+from stip.models.hf import hidden
 from stip.seal import load_source, rekey, seal_folder
 from stip.serve import engine
 
@@ -66,8 +67,8 @@ def test_p2_sees_plaintext_hidden_states_and_attention_maps_up_to_order(minilm_s
     server, public = engine.load(minilm_sealed_dir / "server"), load_source(minilm_path)
     pi = torch.tensor(scenario._true_key(minilm_sealed_dir).pi)
     keep = t.mask.bool()
-    seen = vocab.hidden(server, 2, inputs_embeds=t.sent, attention_mask=t.mask)
-    truth = vocab.hidden(public, 2, input_ids=t.ids, attention_mask=t.mask)[..., pi]
+    seen = hidden(server, 2, inputs_embeds=t.sent, attention_mask=t.mask)
+    truth = hidden(public, 2, input_ids=t.ids, attention_mask=t.mask)[..., pi]
     assert (seen - truth)[keep].abs().max() < 1e-4
     sealed_maps, plain_maps = attention.maps(server, t.mask, inputs_embeds=t.sent), attention.maps(public, t.mask, input_ids=t.ids)
     for a, p in zip(sealed_maps, plain_maps):  # the same maps, heads reordered

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..models.hf import hidden
 from . import Result, attention as attention_, plaintext, vocab as vocab_, weights as weights_
 
 TEXTS = (
@@ -89,7 +90,7 @@ def vocab(sealed: str | Path, public: str | Path, texts=TEXTS, layers: int = 0) 
     if layers == 0:
         found = vocab_.match(t.sent, pub.get_input_embeddings().weight.detach(), offsets(pub, t.ids.shape[1]))
     else:
-        observed = vocab_.hidden(_server(sealed), layers, inputs_embeds=t.sent, attention_mask=t.mask)
+        observed = hidden(_server(sealed), layers, inputs_embeds=t.sent, attention_mask=t.mask)
         found = vocab_.match_hidden(observed, t.mask, pub, layers)
     _, tok = _client(sealed)
     recovered = [tok.decode(row[m.bool() & (row >= 0)], skip_special_tokens=True) for row, m in zip(found, t.mask)]

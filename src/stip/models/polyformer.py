@@ -314,6 +314,36 @@ def plan_forward(plan: dict, patches: np.ndarray) -> np.ndarray:
     return x.sum(1) @ plan["head"] + plan["head_bias"]
 
 
+def to_mpc(model: PolyViT):
+    """The folded plan as ``stip.mpc.model`` (Config, params): BatchNorms folded (norm "none"),
+    polynomial attention and activations with each layer's own coefficients, a summed pool.
+    Its input is the user's embedding ``embed_plan(plan, patches)``."""
+    from ..mpc.model import Config
+
+    plan, c = he_plan(model), model.cfg
+    hd = c.dim // c.heads
+    root = math.sqrt(hd)  # the MPC forward applies 1/√d_h itself; the plan has it folded in
+    cat = lambda hs, n: np.concatenate([h[n] for h in hs], -1).astype(np.float32)  # noqa: E731
+    layers = []
+    for layer in plan["layers"]:
+        hs = layer["heads"]
+        layers.append({"wq": cat(hs, "wq") * root, "bq": cat(hs, "bq") * root, "wk": cat(hs, "wk"), "bk": cat(hs, "bk"),
+                       "wv": cat(hs, "wv"), "bv": cat(hs, "bv"), "wo": np.concatenate([h["wo"] for h in hs], 0).astype(np.float32),
+                       "bo": layer["bo"].astype(np.float32), "w1": layer["w1"].astype(np.float32), "b1": layer["b1"].astype(np.float32),
+                       "w2": layer["w2"].astype(np.float32), "b2": layer["b2"].astype(np.float32)})
+    cfg = Config(hidden=c.dim, layers=c.layers, heads=c.heads, head_dim=hd, ffn=layers[0]["w1"].shape[1], norm="none",
+                 final_norm=False, activation="poly", attention="poly", attn_scale="none", head="token_sum",
+                 poly_act=tuple(tuple(float(v) for v in layer["mlp_poly"]) for layer in plan["layers"]),
+                 poly_attn=tuple(tuple(float(v) for v in layer["attn_poly"]) for layer in plan["layers"]))
+    params = {"layers": layers, "head": {"w": plan["head"].astype(np.float32), "b": plan["head_bias"].astype(np.float32)}}
+    return cfg, params
+
+
+def embed_plan(plan: dict, patches: np.ndarray) -> np.ndarray:
+    """The user's side of every mode: patch and position embedding."""
+    return (patches @ plan["patch"] + plan["pos"]).astype(np.float32)
+
+
 # --- training run and files ---------------------------------------------------------------------
 
 

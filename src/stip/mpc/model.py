@@ -32,7 +32,7 @@ class Config:
     ffn: int
     kv_heads: int | None = None
     prenorm: bool = True  # False: BERT's post-LN blocks
-    norm: str = "layer"  # "layer" | "rms"
+    norm: str = "layer"  # "layer" | "rms" | "none" (BatchNorm, folded into the next linear map)
     eps: float = 1e-12
     embed_norm: bool = False  # BERT normalises the embedding sum
     final_norm: bool = True
@@ -41,9 +41,12 @@ class Config:
     attention: str | tuple = "softmax"  # one kind, or per layer a tuple of per-head kinds
     causal: bool = False
     rope_theta: float | None = None
-    head: str | None = None  # None | "first_token" (ViT classifier) | "every_token" (LM head)
-    poly_act: tuple[float, ...] = ()  # coefficients c0 + c1 x + … for "poly" activations
-    poly_attn: tuple[float, ...] = ()  # the same for "poly" attention scores
+    # None | "first_token" (ViT classifier) | "every_token" (LM head) | "token_sum" (a mean pool
+    # whose 1/n is folded into the head weights)
+    head: str | None = None
+    # coefficients c0 + c1 x + … for "poly" activations; or one such tuple per layer
+    poly_act: tuple = ()
+    poly_attn: tuple = ()  # the same for "poly" attention scores
     attn_scale: str = "none"  # poly attention: divide by "none" | "sqrt_n" | "n"
     # MPCViT+: per layer, the token rows whose MLP activation is kept; the others are identity
     act_rows: tuple[tuple[int, ...], ...] | None = None
@@ -78,6 +81,8 @@ class Config:
 
 
 def _norm(cfg: Config, x, p):
+    if cfg.norm == "none":  # p is None: there are no norm parameters
+        return x
     if cfg.norm == "rms":
         return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + cfg.eps) * p["g"]
     mu = jnp.mean(x, -1, keepdims=True)
@@ -92,7 +97,11 @@ def _poly(coeffs, x):
     return out
 
 
-def _act(cfg: Config, x):
+def _coeffs(polys: tuple, layer: int) -> tuple:
+    return polys[layer] if polys and isinstance(polys[0], (tuple, list)) else polys
+
+
+def _act(cfg: Config, x, layer: int = 0):
     a = cfg.activation
     if a == "gelu":
         return jax.nn.gelu(x, approximate=False)
@@ -102,7 +111,7 @@ def _act(cfg: Config, x):
         return jax.nn.relu(x)
     if a == "silu":
         return jax.nn.silu(x)
-    return _poly(cfg.poly_act, x)
+    return _poly(_coeffs(cfg.poly_act, layer), x)
 
 
 def _rope(x, theta: float):
@@ -117,7 +126,7 @@ def _rope(x, theta: float):
     return x * cos + rotated * sin
 
 
-def _mix(kind, s, v, bias, cfg: Config):
+def _mix(kind, s, v, bias, cfg: Config, layer: int):
     """One head: scores s (batch, n, n) → weights → output (batch, n, head_dim). ``kind`` is
     one kind, or one per query row (MPCViT's row-wise search): each group of rows is computed
     with its own kind only, by static slicing, so no row pays for a kind it does not use."""
@@ -126,12 +135,12 @@ def _mix(kind, s, v, bias, cfg: Config):
         out = jnp.zeros(s.shape[:2] + v.shape[-1:], s.dtype)
         for k in dict.fromkeys(kind):
             rows = np.array([i for i, r in enumerate(kind) if r == k])
-            out = out.at[:, rows].set(_weights(k, s[:, rows], bias[:, rows], cfg, n) @ v)
+            out = out.at[:, rows].set(_weights(k, s[:, rows], bias[:, rows], cfg, n, layer) @ v)
         return out
-    return _weights(kind, s, bias, cfg, n) @ v
+    return _weights(kind, s, bias, cfg, n, layer) @ v
 
 
-def _weights(kind: str, s, bias, cfg: Config, n: int):
+def _weights(kind: str, s, bias, cfg: Config, n: int, layer: int):
     if kind == "softmax":
         w = jax.nn.softmax(s + bias, axis=-1)
     elif kind == "relu_softmax":
@@ -141,7 +150,7 @@ def _weights(kind: str, s, bias, cfg: Config, n: int):
         w = s * (bias == 0) / n
     else:  # polynomial attention (Zimerman et al.): pointwise, scaled by the length
         scale = {"none": 1.0, "sqrt_n": 1.0 / np.sqrt(n), "n": 1.0 / n}[cfg.attn_scale]
-        w = _poly(cfg.poly_attn, s) * (bias == 0) * scale
+        w = _poly(_coeffs(cfg.poly_attn, layer), s) * (bias == 0) * scale
     return w
 
 
@@ -157,20 +166,20 @@ def _attention(cfg: Config, layer: int, x, p, bias):
     k, v = jnp.repeat(k, group, axis=1), jnp.repeat(v, group, axis=1)
     s = (q @ k.transpose(0, 1, 3, 2)) * (1.0 / np.sqrt(hd))
     kinds = cfg.head_kinds(layer)
-    heads = [_mix(kinds[i], s[:, i], v[:, i], bias, cfg) for i in range(h)]
+    heads = [_mix(kinds[i], s[:, i], v[:, i], bias, cfg, layer) for i in range(h)]
     o = jnp.stack(heads, 1).transpose(0, 2, 1, 3).reshape(b, n, h * hd)
     return o @ p["wo"] + p["bo"]
 
 
 def _ffn(cfg: Config, layer: int, x, p):
     if cfg.glu:
-        return (_act(cfg, x @ p["w_gate"]) * (x @ p["w1"] + p["b1"])) @ p["w2"] + p["b2"]
+        return (_act(cfg, x @ p["w_gate"], layer) * (x @ p["w1"] + p["b1"])) @ p["w2"] + p["b2"]
     u = x @ p["w1"] + p["b1"]
     if cfg.act_rows is None:
-        return _act(cfg, u) @ p["w2"] + p["b2"]
+        return _act(cfg, u, layer) @ p["w2"] + p["b2"]
     rows = np.asarray(cfg.act_rows[layer], dtype=np.int64)
     if rows.size:  # the activation only on the kept rows; the rest pass through (free under MPC)
-        u = u.at[:, rows].set(_act(cfg, u[:, rows]))
+        u = u.at[:, rows].set(_act(cfg, u[:, rows], layer))
     return u @ p["w2"] + p["b2"]
 
 
@@ -186,8 +195,8 @@ def forward(cfg: Config, params: dict, x, mask=None):
     h = _norm(cfg, x, params["embed_norm"]) if cfg.embed_norm else x
     for i, p in enumerate(params["layers"][: cfg.layers]):
         if cfg.prenorm:
-            h = h + _attention(cfg, i, _norm(cfg, h, p["ln1"]), p, bias)
-            h = h + _ffn(cfg, i, _norm(cfg, h, p["ln2"]), p)
+            h = h + _attention(cfg, i, _norm(cfg, h, p.get("ln1")), p, bias)
+            h = h + _ffn(cfg, i, _norm(cfg, h, p.get("ln2")), p)
         else:
             h = _norm(cfg, h + _attention(cfg, i, h, p, bias), p["ln1"])
             h = _norm(cfg, h + _ffn(cfg, i, h, p), p["ln2"])
@@ -195,6 +204,8 @@ def forward(cfg: Config, params: dict, x, mask=None):
         h = _norm(cfg, h, params["final_norm"])
     if cfg.head == "first_token":
         return h[:, 0] @ params["head"]["w"] + params["head"]["b"]
+    if cfg.head == "token_sum":
+        return h.sum(1) @ params["head"]["w"] + params["head"]["b"]
     if cfg.head == "every_token":
         return h @ params["head"]["w"] + params["head"]["b"]
     return h

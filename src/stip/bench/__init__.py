@@ -1,0 +1,195 @@
+"""`stip bench`: every protection mode on one model and one input, measured in one run.
+
+    results = run(Settings(model=..., tokens=32, out=Path("bench-out")), progress=print)
+
+Modes: ``plain`` (the plaintext model in process), ``stip`` (P3 embeds and permutes, P2 runs
+the sealed model, P3 un-permutes; in process, bytes of the wire messages), ``mpc-semi2k`` and
+``mpc-cheetah`` (two parties on SPU, simulation; bytes and send actions from SPU's link
+profile), ``he`` (CKKS; polynomial ViT models only). The fast modes (plain, stip) alternate,
+``repeats`` times each after a warm-up; MPC and HE run once. Every mode's output is compared
+with the plaintext model's at the same depth. A mode that cannot run is reported as skipped
+with the reason. ``report.write`` turns the result into results.json, report.md and plots.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .subjects import Skip, compare, load
+
+MODES = ("plain", "stip", "mpc-semi2k", "mpc-cheetah", "he")
+# Layers MPC runs on a Hugging Face model by default, so that the default bench of MiniLM ends
+# in under 10 minutes on 2 cores (CHEETAH: ~90 s per MiniLM layer at 32 tokens there); --full
+# runs every layer. The polynomial ViTs are small and always run whole.
+DEFAULT_MPC_LAYERS = {"semi2k": None, "cheetah": 1}
+
+
+@dataclass
+class Settings:
+    model: Path | None = None  # None: the embedded MiniLM
+    out: Path = Path("bench-out")
+    tokens: int = 32
+    modes: tuple[str, ...] = MODES
+    network: str = "none"  # "none" | "lan" | "wan": add an estimated network time
+    full: bool = False
+    repeats: int = 5
+    batch: int = 1
+    mpc_layers: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        unknown = [m for m in self.modes if m not in MODES]
+        if unknown:
+            raise ValueError(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
+        if self.network not in ("none", "lan", "wan"):
+            raise ValueError("--network must be none, lan or wan")
+        if self.repeats < 1 or self.tokens < 1 or self.batch < 1:
+            raise ValueError("--repeats, --tokens and --batch must be at least 1")
+
+
+@dataclass
+class Row:
+    mode: str
+    layers: int
+    runs: int
+    latency_s: float  # median over runs
+    bytes_up: int | None  # user → cloud (MPC: party 0's sent bytes)
+    bytes_down: int | None
+    rounds: int | None  # round trips (MPC: send actions, an upper bound on rounds)
+    max_abs_error: float
+    top1_agreement: float
+    plain_latency_s: float = 0.0  # the plaintext model at the same depth, same run
+    ratio: float = 0.0  # latency_s / plain_latency_s
+    network_latency_s: float | None = None  # latency + estimated transfer and round trips
+    notes: list[str] = field(default_factory=list)
+
+
+def _timed(fn) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def _mpc_layers(s: Settings, protocol: str, subject) -> int:
+    full_depth = subject.layers
+    if s.mpc_layers is not None:
+        if not 1 <= s.mpc_layers <= full_depth:
+            raise ValueError(f"--mpc-layers must lie in 1..{full_depth}")
+        return s.mpc_layers
+    if s.full or subject.kind != "hf" or DEFAULT_MPC_LAYERS[protocol] is None:
+        return full_depth
+    return min(DEFAULT_MPC_LAYERS[protocol], full_depth)
+
+
+def run(s: Settings, progress: Callable[[str], None] = lambda _: None) -> dict:
+    from ..mpc import netem
+
+    progress("loading and sealing the model")
+    subject = load(s.model, s.tokens, s.batch, s.seed)
+    rows: list[Row] = []
+    skipped: list[dict] = []
+    notes: list[str] = []
+
+    # Plaintext at every depth some mode needs, alternating with STIP.
+    depths = {subject.layers}
+    mpc_modes = [m for m in s.modes if m.startswith("mpc-")]
+    wanted_mpc = {}
+    for m in mpc_modes:
+        wanted_mpc[m] = _mpc_layers(s, m[4:], subject)
+        depths.add(wanted_mpc[m])
+    plain_times: dict[int, list[float]] = {d: [] for d in depths}
+    plain_out: dict[int, object] = {}
+    stip_times: list[float] = []
+    stip_run = None
+    for d in sorted(depths):
+        try:
+            plain_out[d] = subject.plain(d)  # warm-up, and the reference output
+        except Skip as e:
+            plain_out[d] = e
+    if "stip" in s.modes:
+        stip_run = subject.stip()  # warm-up
+    for r in range(s.repeats):
+        progress(f"plaintext and STIP, round {r + 1}/{s.repeats}")
+        for d in sorted(depths):
+            if not isinstance(plain_out[d], Skip):
+                plain_times[d].append(_timed(lambda d=d: subject.plain(d))[0])
+        if "stip" in s.modes:
+            t, stip_run = _timed(subject.stip)
+            stip_times.append(t)
+    base = {d: statistics.median(v) for d, v in plain_times.items() if v}
+
+    if "plain" in s.modes:
+        rows.append(Row("plain", subject.layers, s.repeats, base[subject.layers], None, None, 0, 0.0, 1.0))
+    if "stip" in s.modes:
+        err, top1 = compare(stip_run.output, plain_out[subject.layers])
+        rows.append(Row("stip", subject.layers, s.repeats, statistics.median(stip_times), stip_run.bytes_up,
+                        stip_run.bytes_down, 1, err, top1, notes=["STIP: in process; bytes are the wire messages of one request and its answer"]))
+
+    for m in mpc_modes:
+        protocol, layers = m[4:], wanted_mpc[m]
+        try:
+            if isinstance(plain_out[layers], Skip):
+                raise plain_out[layers]
+            row = _mpc(subject, protocol, layers, plain_out[layers], progress)
+            rows.append(row)
+        except Skip as e:
+            skipped.append({"mode": m, "reason": str(e)})
+        except ImportError as e:
+            skipped.append({"mode": m, "reason": f"SPU is not installed here ({e})"})
+    if "he" in s.modes:
+        try:
+            rows.append(_he(subject, plain_out[subject.layers], progress))
+        except Skip as e:
+            skipped.append({"mode": "he", "reason": str(e)})
+        except ImportError as e:
+            skipped.append({"mode": "he", "reason": f"TenSEAL is not installed here ({e})"})
+
+    for row in rows:
+        row.plain_latency_s = base[row.layers]
+        row.ratio = row.latency_s / row.plain_latency_s
+        if s.network != "none" and row.mode != "plain":
+            profile = netem.PROFILES[s.network]
+            row.network_latency_s = netem.estimate(row.latency_s, [row.bytes_up or 0, row.bytes_down or 0], row.rounds or 0, profile)
+    if any(r.layers != subject.layers for r in rows):
+        notes.append("rows with fewer layers than the model compare with, and divide by, the plaintext model "
+                     "truncated to the same layers, measured in the same run")
+    if s.network != "none":
+        p = netem.PROFILES[s.network]
+        notes.append(f"network column: an estimate, not an emulation — latency + max(bytes up, bytes down) at "
+                     f"{p.mbit_per_s:g} Mbit/s + rounds × {1e3 * p.rtt_s:g} ms RTT")
+    return {"settings": {**asdict(s), "model": str(s.model) if s.model else None, "out": str(s.out)},
+            "subject": {"name": subject.name, "kind": subject.kind, "description": subject.describe(),
+                        "layers": subject.layers, "tokens": subject.tokens, "batch": subject.batch},
+            "rows": [asdict(r) for r in rows], "skipped": skipped, "notes": notes}
+
+
+def _mpc(subject, protocol: str, layers: int, reference, progress) -> Row:
+    from ..mpc.runner import simulate
+
+    cfg, params, x = subject.mpc(layers)
+    slow = " (CHEETAH: about 90 s per MiniLM layer at 32 tokens on 2 cores)" if protocol == "cheetah" else ""
+    progress(f"MPC {protocol.upper()} on SPU (simulation), {layers} layer(s) …{slow}")
+    report, out = simulate(cfg, params, x, protocol)
+    err, top1 = compare(out, reference)
+    sent = [b for b in report.bytes_sent if b is not None]
+    notes = list(report.notes) + ["MPC: two parties as threads of one process (SPU simulation): compute time, no network; "
+                                  "rounds are the send actions of the busier party (an upper bound on rounds)"]
+    return Row(f"mpc-{protocol}", layers, 1, report.seconds, sent[0], sent[1] if len(sent) > 1 else None,
+               max(a for a in report.send_actions if a is not None), err, top1, notes=notes)
+
+
+def _he(subject, reference, progress) -> Row:
+    from ..he.runner import run as he_run
+
+    plan, patches = subject.he()
+    progress(f"HE (CKKS) on {len(patches)} image(s) …")
+    report, logits = he_run(plan, patches)
+    err, top1 = compare(logits, reference)
+    p = report.params
+    return Row("he", subject.layers, 1, report.seconds, report.bytes_up, report.bytes_down, 1 + report.refresh_rounds, err, top1,
+               notes=[f"HE: CKKS N={p['poly_modulus_degree']}, log q={p['log_q']}, 128-bit; {report.refresh_rounds} client-aided "
+                      f"refresh rounds; public keys ({report.key_bytes:,} B, once) not counted in bytes up"])

@@ -1,0 +1,173 @@
+"""The model under test, seen the same way by every mode.
+
+A subject gives each mode what it needs on the same input: the plaintext forward (at full
+depth, or at the depth MPC runs), STIP's three-party path, the MPC Config/params and the
+user's embedding, and — for polynomial models only — the HE plan.
+
+    subject = load(path, tokens=32, batch=1, seed=0)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import wire
+
+
+class Skip(Exception):
+    """A mode that cannot run on this subject or machine; the message says why."""
+
+
+def _top1(out: torch.Tensor | np.ndarray, ref: torch.Tensor | np.ndarray) -> float:
+    a, b = np.asarray(out), np.asarray(ref)
+    return float((a.argmax(-1) == b.argmax(-1)).mean())
+
+
+def compare(out, ref) -> tuple[float, float]:
+    """(max abs error, top-1 agreement: the same argmax over the last axis, per row)."""
+    a, b = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(a - b).max()), _top1(a, b)
+
+
+@dataclass
+class StipRun:
+    output: torch.Tensor
+    bytes_up: int
+    bytes_down: int
+
+
+class HFSubject:
+    """A local Hugging Face folder (the embedded MiniLM by default): random in-vocabulary
+    tokens, or random pixels for ViT."""
+
+    kind = "hf"
+
+    def __init__(self, path: Path, tokens: int, batch: int, seed: int):
+        from ..seal import load_source, seal
+
+        self.model = load_source(path)
+        self.name = path.name if path.name != "model" else path.parent.name
+        c = self.model.config
+        self.layers = c.num_hidden_layers
+        gen = torch.Generator().manual_seed(seed)
+        self.image = c.model_type == "vit"
+        if self.image:
+            self.inputs = {"pixel_values": torch.randn(batch, c.num_channels, c.image_size, c.image_size, generator=gen)}
+        else:
+            low = min(1000, c.vocab_size // 2)
+            ids = torch.randint(low, c.vocab_size, (batch, tokens), generator=gen)
+            self.inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        self.sealed = seal(self.model)
+        self.output_name = "logits" if hasattr(self.model, "classifier") else "last_hidden_state"
+        self.tokens = tokens if not self.image else None
+        self.batch = batch
+
+    def describe(self) -> str:
+        c = self.model.config
+        shape = "image" if self.image else f"{self.tokens} tokens"
+        return f"{type(self.model).__name__} ({c.model_type}), {self.layers} layers, width {c.hidden_size}; batch {self.batch}, {shape}"
+
+    @torch.no_grad()
+    def plain(self, layers: int | None = None) -> torch.Tensor:
+        if layers is None or layers == self.layers:
+            return self.model(**self.inputs)[self.output_name]
+        from ..models.hf import hidden
+
+        if self.image:
+            raise Skip("fewer layers than the model has is supported for text models only")
+        return hidden(self.model, layers, input_ids=self.inputs["input_ids"], attention_mask=self.inputs["attention_mask"])
+
+    @torch.no_grad()
+    def stip(self) -> StipRun:
+        from ..serve import engine
+
+        client, server = self.sealed.client, self.sealed.server
+        if self.image:
+            x, mask = client.permuted_embeddings(self.inputs["pixel_values"]), None
+        else:
+            x, mask = client.permuted_embeddings(self.inputs["input_ids"]), self.inputs["attention_mask"]
+        out = engine.forward(server, x, mask)
+        up = {"embeddings": x} if mask is None else {"embeddings": x, "attention_mask": mask}
+        down = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+        return StipRun(client.unpermute_outputs(out)[self.output_name], len(wire.encode(up)), len(wire.encode(down)))
+
+    def mpc(self, layers: int):
+        """(Config, params, user's embedding) with the first ``layers`` layers."""
+        from ..mpc.model import truncate
+        from ..mpc.weights import embed, from_hf
+
+        cfg, params = from_hf(self.model)
+        if layers < cfg.layers:
+            if self.output_name != "last_hidden_state":
+                raise Skip("a truncated MPC run compares hidden states; this model ends in a classifier (use --full)")
+            cfg, params = cfg.with_layers(layers), truncate(params, layers)
+        inputs = {k: v for k, v in self.inputs.items() if k != "attention_mask"}
+        return cfg, params, embed(self.model, **inputs)
+
+    def he(self):
+        raise Skip("HE runs polynomial transformers only: train one with `stip train polyformer OUT` and bench that folder")
+
+
+class PolySubject:
+    """A `stip train polyformer` folder: the polynomial ViT that every mode, HE included, runs."""
+
+    kind = "polyvit"
+
+    def __init__(self, path: Path, batch: int, seed: int):
+        from ..models import data, polyformer
+        from ..seal import polyvit
+
+        self.model, info = polyformer.load(path)
+        self.name = path.name
+        self.layers = self.model.cfg.layers
+        _, test = data.load(info.get("dataset", "digits"), info.get("data_dir"), seed=info.get("seed", 0))
+        self.images = test.images[:batch]
+        self.batch = len(self.images)
+        self.tokens = self.model.cfg.tokens
+        self.plan = polyformer.he_plan(self.model)
+        self.patches = self.model.patches(self.images).numpy()
+        self.sealed = polyvit.seal(self.model)
+
+    def describe(self) -> str:
+        c = self.model.cfg
+        return (f"polynomial ViT, {c.layers} layers, {c.heads} heads, width {c.dim}; batch {self.batch} images, "
+                f"{c.tokens} tokens of {c.patch}×{c.patch} patches")
+
+    @torch.no_grad()
+    def plain(self, layers: int | None = None) -> torch.Tensor:
+        if layers not in (None, self.layers):
+            raise Skip("the polynomial ViT runs at full depth only")
+        return self.model(self.images)
+
+    @torch.no_grad()
+    def stip(self) -> StipRun:
+        client, server = self.sealed.client, self.sealed.server
+        x = client.embed(self.images)
+        y = server.body(x)
+        return StipRun(client.decode(y), len(wire.encode({"embeddings": x})), len(wire.encode({"logits": y})))
+
+    def mpc(self, layers: int):
+        from ..models import polyformer
+
+        if layers != self.layers:
+            raise Skip("the polynomial ViT runs at full depth only")
+        cfg, params = polyformer.to_mpc(self.model)
+        return cfg, params, polyformer.embed_plan(self.plan, self.patches)
+
+    def he(self):
+        return self.plan, self.patches
+
+
+def load(path: str | Path | None, tokens: int = 32, batch: int = 1, seed: int = 0):
+    from ..models import checkpoint, default, polyformer
+
+    path = Path(path) if path is not None else default.path()
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if checkpoint.info(path, polyformer.KIND) is not None:
+        return PolySubject(path, batch, seed)
+    return HFSubject(path, tokens, batch, seed)
