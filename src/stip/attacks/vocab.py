@@ -60,6 +60,8 @@ def match_hidden(observed: torch.Tensor, mask: torch.Tensor, public, k: int, sho
        whose sorted hidden rows (all positions) are nearest to the observed ones.
     A token missing from its shortlist is never recovered, so this is a lower bound on what
     a patient attacker gets."""
+    if not hasattr(public.base_model, "embeddings"):
+        raise ValueError("hidden-state matching needs a model with BERT-style embeddings (word + position tables)")
     vocab = public.get_input_embeddings().num_embeddings
     every = torch.arange(vocab)
     out = torch.empty(observed.shape[:2], dtype=torch.long)

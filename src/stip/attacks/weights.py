@@ -27,7 +27,8 @@ class Match:
 
 
 def _sorted_along(t: torch.Tensor, axis: int) -> torch.Tensor:
-    """(len of the other axes, ...) → for each index of ``axis``, its values sorted: (n_axis, rest)."""
+    """(size of ``axis``, everything else): each slice along ``axis``, its values sorted, which
+    removes whatever permutation the other axis carries."""
     t = t.double().movedim(axis, 0).reshape(t.shape[axis], -1)
     return t.sort(-1).values
 

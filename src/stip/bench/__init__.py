@@ -94,40 +94,13 @@ def run(s: Settings, progress: Callable[[str], None] = lambda _: None) -> dict:
     skipped: list[dict] = []
     notes: list[str] = []
 
-    # Plaintext at every depth some mode needs, alternating with STIP.
-    depths = {subject.layers}
     mpc_modes = [m for m in s.modes if m.startswith("mpc-")]
-    wanted_mpc = {}
-    for m in mpc_modes:
-        wanted_mpc[m] = _mpc_layers(s, m[4:], subject)
-        depths.add(wanted_mpc[m])
-    plain_times: dict[int, list[float]] = {d: [] for d in depths}
-    plain_out: dict[int, object] = {}
-    stip_times: list[float] = []
-    stip_run = None
-    for d in sorted(depths):
-        try:
-            plain_out[d] = subject.plain(d)  # warm-up, and the reference output
-        except Skip as e:
-            plain_out[d] = e
-    if "stip" in s.modes:
-        stip_run = subject.stip()  # warm-up
-    for r in range(s.repeats):
-        progress(f"plaintext and STIP, round {r + 1}/{s.repeats}")
-        for d in sorted(depths):
-            if not isinstance(plain_out[d], Skip):
-                plain_times[d].append(_timed(lambda d=d: subject.plain(d))[0])
-        if "stip" in s.modes:
-            t, stip_run = _timed(subject.stip)
-            stip_times.append(t)
-    base = {d: statistics.median(v) for d, v in plain_times.items() if v}
-
+    wanted_mpc = {m: _mpc_layers(s, m[4:], subject) for m in mpc_modes}
+    base, plain_out, stip_row = _plain_and_stip(subject, s, {subject.layers, *wanted_mpc.values()}, progress)
     if "plain" in s.modes:
         rows.append(Row("plain", subject.layers, s.repeats, base[subject.layers], None, None, 0, 0.0, 1.0))
-    if "stip" in s.modes:
-        err, top1 = compare(stip_run.output, plain_out[subject.layers])
-        rows.append(Row("stip", subject.layers, s.repeats, statistics.median(stip_times), stip_run.bytes_up,
-                        stip_run.bytes_down, 1, err, top1, notes=["STIP: in process; bytes are the wire messages of one request and its answer"]))
+    if stip_row is not None:
+        rows.append(stip_row)
 
     for m in mpc_modes:
         protocol, layers = m[4:], wanted_mpc[m]
@@ -165,6 +138,35 @@ def run(s: Settings, progress: Callable[[str], None] = lambda _: None) -> dict:
             "subject": {"name": subject.name, "kind": subject.kind, "description": subject.describe(),
                         "layers": subject.layers, "tokens": subject.tokens, "batch": subject.batch},
             "rows": [asdict(r) for r in rows], "skipped": skipped, "notes": notes}
+
+
+def _plain_and_stip(subject, s: Settings, depths: set[int], progress):
+    """The plaintext model at every depth some mode needs, alternating with STIP, ``repeats``
+    times after a warm-up. Returns (median plaintext seconds by depth, plaintext outputs by
+    depth (or the Skip), STIP's row or None)."""
+    plain_out: dict[int, object] = {}
+    for d in sorted(depths):
+        try:
+            plain_out[d] = subject.plain(d)  # warm-up, and the reference output
+        except Skip as e:
+            plain_out[d] = e
+    runnable = [d for d in sorted(depths) if not isinstance(plain_out[d], Skip)]
+    plain_times: dict[int, list[float]] = {d: [] for d in runnable}
+    stip_times, stip_run = [], subject.stip() if "stip" in s.modes else None  # warm-up
+    for r in range(s.repeats):
+        progress(f"plaintext and STIP, round {r + 1}/{s.repeats}")
+        for d in runnable:
+            plain_times[d].append(_timed(lambda d=d: subject.plain(d))[0])
+        if stip_run is not None:
+            t, stip_run = _timed(subject.stip)
+            stip_times.append(t)
+    base = {d: statistics.median(v) for d, v in plain_times.items()}
+    if stip_run is None:
+        return base, plain_out, None
+    err, top1 = compare(stip_run.output, plain_out[subject.layers])
+    row = Row("stip", subject.layers, s.repeats, statistics.median(stip_times), stip_run.bytes_up, stip_run.bytes_down, 1, err,
+              top1, notes=["STIP: in process; bytes are the wire messages of one request and its answer"])
+    return base, plain_out, row
 
 
 def _mpc(subject, protocol: str, layers: int, reference, progress) -> Row:
