@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 # Weight matching recovered 99 % of π from MiniLM sealed with every tensor perturbed by 0.3 of
-# its own standard deviation, 2 % at 1.0 (benchmarks/attacks.py; docs/threat-model.md).
+# its own standard deviation, 5 % at 1.0 (benchmarks/attacks.py; docs/threat-model.md).
 NEAR = 0.5
 
 

@@ -109,14 +109,20 @@ def weights(sealed: str | Path, public: str | Path, texts=TEXTS) -> Result:
     opened = weights_.decrypt(t.sent, m.pi)
     keep = t.mask.bool()
     rows = torch.isclose(opened, t.plain, atol=1e-6).all(-1)[keep]
-    table = pub.get_input_embeddings().weight.detach()
+    table = pub.get_input_embeddings().weight.detach().double()
     off = offsets(pub, t.ids.shape[1])
-    cand = table[None] + (0 if off is None else off[:, None])  # (n, vocab, d): exact lookup, no sorting
-    found = torch.stack([torch.cdist(opened[:, i].double(), cand[i].double()).argmin(-1) for i in range(t.ids.shape[1])], 1)
+    found = torch.stack([torch.cdist(opened[:, i].double(), table if off is None else table + off[i].double()).argmin(-1)
+                         for i in range(t.ids.shape[1])], 1)  # opened rows are in the clear: plain nearest row
     return Result(float((m.pi == truth).mean()), width, {
         "attack": "weights", "tensors_unsealed": int(sum(m.unsealed.values())), "tensors": len(m.unsealed),
         "voters": m.votes, "vote_agreement": m.agreement, "traffic_rows_decrypted": float(rows.float().mean()),
         "tokens_decrypted": _token_rate(found, t)})
+
+
+def _leaked_pi(t: Traffic):
+    """π recovered from the first text's pair (its embeddings in the clear, and as sent)."""
+    n0 = int(t.mask[0].sum())
+    return plaintext.known_plaintext(t.plain[0, :n0].numpy(), t.sent[0, :n0].numpy()), n0
 
 
 def known_plaintext(sealed: str | Path, texts=TEXTS) -> Result:
@@ -124,8 +130,7 @@ def known_plaintext(sealed: str | Path, texts=TEXTS) -> Result:
     other texts' traffic decrypted with it."""
     sealed = Path(sealed)
     t = capture(sealed, texts)
-    n0 = int(t.mask[0].sum())
-    pi = plaintext.known_plaintext(t.plain[0, :n0].numpy(), t.sent[0, :n0].numpy())
+    pi, n0 = _leaked_pi(t)
     truth = _true_key(sealed).pi
     rest = t.mask[1:].bool()
     opened = weights_.decrypt(t.sent[1:], pi)
@@ -146,8 +151,7 @@ def cross_key(leaked_from: str | Path, victim: str | Path, texts=TEXTS) -> Resul
     """Per-user keys: π recovered by known plaintext from one user's sealing, used on another
     user's traffic (same model, its own key)."""
     a, b = capture(leaked_from, texts), capture(victim, texts)
-    n0 = int(a.mask[0].sum())
-    pi = plaintext.known_plaintext(a.plain[0, :n0].numpy(), a.sent[0, :n0].numpy())
+    pi, _ = _leaked_pi(a)
     keep = b.mask.bool()
     rows = torch.isclose(weights_.decrypt(b.sent, pi), b.plain, atol=1e-6).all(-1)[keep]
     coords = (weights_.decrypt(b.sent, pi) == b.plain)[keep].float().mean()

@@ -235,8 +235,11 @@ def rekey(sealed_dir: str | Path, out: str | Path, *, force: bool = False) -> Se
     sealed_dir, out = Path(sealed_dir), Path(out)
     if out.resolve() == sealed_dir.resolve():
         raise ValueError("write the re-keyed model to a new folder, not over the one it comes from")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"{out} exists and is not empty (pass force=True / --force to replace it)")
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise FileExistsError(f"{out} exists and is not empty (pass force=True / --force to replace it)")
+        for part in (SERVER, CLIENT, PROVIDER):
+            shutil.rmtree(out / part, ignore_errors=True)
     old = keys_.load(sealed_dir / PROVIDER / KEY_FILE)
     if not isinstance(old, Key):
         raise keys_.InvalidKey(f"{sealed_dir / PROVIDER / KEY_FILE} is not a provider key")
