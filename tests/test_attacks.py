@@ -110,6 +110,9 @@ def test_attack_cli_prints_recovery_rate_and_n(minilm_sealed_dir):
     assert r["recovery_rate"] == 1.0 and r["n"] == 384 and r["traffic_rows_decrypted"] == 1.0
     bad = subprocess.run(STIP + ["attack", "vocab", "--sealed", "/nonexistent", "--public", "/nonexistent"], capture_output=True, text=True)
     assert bad.returncode == 1 and "is not a folder" in bad.stderr
+    none = subprocess.run(STIP + ["attack", "attention", "--sealed", str(minilm_sealed_dir), "--text", "one two three"],
+                          capture_output=True, text=True, timeout=300)
+    assert none.returncode == 1 and "no token repeats" in none.stderr
 
 
 QUICK = {"vocab.public", "weights.public", "weights.public.tokens", "known_plaintext.public", "known_plaintext.public.traffic",

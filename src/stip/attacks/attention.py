@@ -48,6 +48,9 @@ def repeats(attentions: tuple[torch.Tensor, ...], ids: torch.Tensor, mask: torch
     """How well each layer's attention maps separate same-token pairs of positions from the
     others (AUC over all pairs of real positions; 0.5 is chance), and the best layer's
     precision among its top-m pairs, m the number of repeated pairs."""
+    if not any((ids[b, : int(mask[b].sum()), None] == ids[b, None, : int(mask[b].sum())]).sum() > mask[b].sum()
+               for b in range(len(ids))):
+        raise ValueError("no token repeats within a text: attention leakage has nothing to score")
     by_layer, precision = [], []
     for attn in attentions:
         pos, neg = [], []

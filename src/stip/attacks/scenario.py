@@ -135,8 +135,9 @@ def known_plaintext(sealed: str | Path, texts=TEXTS) -> Result:
     rest = t.mask[1:].bool()
     opened = weights_.decrypt(t.sent[1:], pi)
     rows = torch.isclose(opened, t.plain[1:], atol=1e-6).all(-1)[rest]
+    decrypted = float(rows.float().mean()) if rows.numel() else None  # None: no other text to decrypt
     return Result(float((pi == truth).mean()), len(truth), {"attack": "known-plaintext", "pair_tokens": n0,
-                                                            "traffic_rows_decrypted": float(rows.float().mean())})
+                                                            "traffic_rows_decrypted": decrypted})
 
 
 def attention(sealed: str | Path, texts=TEXTS) -> Result:

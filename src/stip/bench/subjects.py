@@ -50,7 +50,7 @@ class HFSubject:
         from ..seal import load_source, seal
 
         self.model = load_source(path)
-        self.name = path.name if path.name != "model" else path.parent.name
+        self.name = path.name if path.name != "model" else path.parent.name  # the embedded package's folder is "model"
         c = self.model.config
         self.layers = c.num_hidden_layers
         gen = torch.Generator().manual_seed(seed)
