@@ -41,3 +41,26 @@ def test_digits_polynomial_model_keeps_its_accuracy(tmp_path):
         ref = model(images).numpy()
     got = pf.plan_forward(plan, model.patches(images).numpy().astype(np.float64))
     assert np.abs(got - ref).max() < 1e-4
+
+
+@pytest.mark.slow
+def test_the_same_model_runs_under_two_party_mpc_as_separate_processes():
+    """`polyformer.to_mpc`: the JAX forward equals torch, the config survives the parties' JSON
+    job file (per-layer polynomials included), and SEMI2K between two OS processes agrees."""
+    import json
+
+    from stip.mpc.model import forward
+    from stip.mpc.parties import config_from_json, config_to_json, run_parties
+
+    torch.manual_seed(0)
+    train, test = data.load("digits")
+    model = pf.PolyViT(pf.PRESETS["tiny"]).eval()
+    pf.to_polynomial(model, train.images[:256], degree=2)
+    cfg, params = pf.to_mpc(model)
+    assert config_from_json(json.loads(json.dumps(config_to_json(cfg)))) == cfg
+    x = pf.embed_plan(pf.he_plan(model), model.patches(test.images[:2]).numpy())
+    with torch.no_grad():
+        ref = model(test.images[:2]).numpy()
+    assert np.abs(np.asarray(forward(cfg, params, x)) - ref).max() < 1e-4
+    report, out = run_parties(cfg, params, x, "semi2k")
+    assert report.mode == "procs" and np.abs(out - ref).max() < 1e-2 and (out.argmax(-1) == ref.argmax(-1)).all()

@@ -47,7 +47,8 @@ def config_from_json(d: dict) -> Config:
         d["attention"] = tuple(tuple(h if isinstance(h, str) else tuple(h) for h in layer) for layer in d["attention"])
     if d.get("act_rows") is not None:
         d["act_rows"] = tuple(tuple(rows) for rows in d["act_rows"])
-    d["poly_act"], d["poly_attn"] = tuple(d["poly_act"]), tuple(d["poly_attn"])
+    # one tuple of coefficients, or one per layer
+    d["poly_act"], d["poly_attn"] = (tuple(tuple(c) if isinstance(c, list) else c for c in d[k]) for k in ("poly_act", "poly_attn"))
     return Config(**d)
 
 
