@@ -90,7 +90,7 @@ def test_rekey_is_lossless_and_retires_the_old_key(minilm_sealed_dir, minilm_pat
 
 
 @pytest.mark.slow
-def test_seal_warns_when_the_model_is_a_public_checkpoint(minilm_path, private_embeddings, tmp_path):
+def test_seal_warns_when_the_model_is_a_public_checkpoint(minilm_path, tmp_path):
     done = subprocess.run(STIP + ["seal", str(minilm_path), str(tmp_path / "a"), "--public-base", str(minilm_path)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
