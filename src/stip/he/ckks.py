@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -82,7 +82,6 @@ class Link:
     refreshed_ciphertexts: int = 0
     key_bytes: int = 0  # the public context (public and relinearisation keys), sent once
     client_seconds: float = 0.0
-    log: list = field(default_factory=list)
 
 
 class User:
@@ -150,10 +149,9 @@ class Server:
         ts = _ts()
         masks, blobs = [], []
         for i in stale:
-            shape = encs[i].t.shape
-            m = self._rng.uniform(-MASK_BOUND, MASK_BOUND, (self.batch, *shape))
-            masks.append(m)
-            blobs.append((encs[i].t + ts.ckks_tensor(self._ctx, m, batch=True)).serialize())
+            m = self._rng.uniform(-MASK_BOUND, MASK_BOUND, (self.batch, *encs[i].t.shape))
+            masks.append(ts.ckks_tensor(self._ctx, m, batch=True))  # encrypted once: added now, subtracted on return
+            blobs.append((encs[i].t + masks[-1]).serialize())
         self.link.bytes_down += sum(map(len, blobs))
         back = self._round_trip(blobs)
         self.link.bytes_up += sum(map(len, back))
@@ -161,7 +159,7 @@ class Server:
         self.link.refreshed_ciphertexts += sum(int(np.prod(encs[i].t.shape)) for i in stale)
         out = list(encs)
         for i, m, blob in zip(stale, masks, back):
-            out[i] = Enc(ts.ckks_tensor_from(self._ctx, blob) - ts.ckks_tensor(self._ctx, m, batch=True), self.params.levels)
+            out[i] = Enc(ts.ckks_tensor_from(self._ctx, blob) - m, self.params.levels)
         return out
 
     # every op takes and returns Enc; weights are plaintext numpy
