@@ -79,7 +79,7 @@ def minilm():
 @pytest.mark.slow
 def test_semi2k_simulation_of_two_minilm_layers(minilm):
     cfg, params = from_hf(minilm)
-    cfg, params = cfg.with_layers(2), truncate(params, 2)
+    cfg, params = truncate(cfg, params, 2)
     x = embed(minilm, input_ids=torch.randint(1000, 30000, (1, 16), generator=torch.Generator().manual_seed(0)))
     report, out = simulate(cfg, params, x, "semi2k")
     ref = np.asarray(forward(cfg, params, x))
@@ -152,7 +152,7 @@ def test_network_emulation_or_a_clear_skip():
     except netem.Unavailable as e:
         pytest.skip(f"network namespaces unavailable here: {e}")
     _, cfg, params, x = _tiny()
-    cfg, params = cfg.with_layers(1), truncate(params, 1)
+    cfg, params = truncate(cfg, params, 1)
     with netem.two_hosts(netem.PROFILES["lan"]) as (hosts, wrap, applied):
         report, _ = run_parties(cfg, params, x, "semi2k", hosts=hosts, wrap=wrap)
     assert applied and "1000 Mbit/s" in applied[0]
@@ -189,7 +189,7 @@ def test_cli_json(tmp_path):
 
 def test_aby3_three_party_simulation():
     _, cfg, params, x = _tiny()
-    cfg, params = cfg.with_layers(1), truncate(params, 1)
+    cfg, params = truncate(cfg, params, 1)
     report, _ = simulate(cfg, params, x, "aby3")
     assert report.parties == 3 and len(report.bytes_sent) == 3
     assert report.bytes_sent[0] > 0 and report.max_abs_error <= MPC_TOL

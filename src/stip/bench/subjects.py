@@ -104,7 +104,7 @@ class HFSubject:
         if layers < cfg.layers:
             if self.output_name != "last_hidden_state":
                 raise Skip("a truncated MPC run compares hidden states; this model ends in a classifier (use --full)")
-            cfg, params = cfg.with_layers(layers), truncate(params, layers)
+            cfg, params = truncate(cfg, params, layers)
         inputs = {k: v for k, v in self.inputs.items() if k != "attention_mask"}
         return cfg, params, embed(self.model, **inputs)
 
@@ -163,11 +163,11 @@ class PolySubject:
 
 
 def load(path: str | Path | None, tokens: int = 32, batch: int = 1, seed: int = 0):
-    from ..models import checkpoint, default, polyformer
+    from ..models import default, polyformer
 
     path = Path(path) if path is not None else default.path()
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
-    if checkpoint.info(path, polyformer.KIND) is not None:
+    if polyformer.is_checkpoint(path):
         return PolySubject(path, batch, seed)
     return HFSubject(path, tokens, batch, seed)

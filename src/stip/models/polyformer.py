@@ -323,14 +323,13 @@ def to_mpc(model: PolyViT):
     plan, c = he_plan(model), model.cfg
     hd = c.dim // c.heads
     root = math.sqrt(hd)  # the MPC forward applies 1/√d_h itself; the plan has it folded in
-    cat = lambda hs, n: np.concatenate([h[n] for h in hs], -1).astype(np.float32)  # noqa: E731
     layers = []
     for layer in plan["layers"]:
         hs = layer["heads"]
-        layers.append({"wq": cat(hs, "wq") * root, "bq": cat(hs, "bq") * root, "wk": cat(hs, "wk"), "bk": cat(hs, "bk"),
-                       "wv": cat(hs, "wv"), "bv": cat(hs, "bv"), "wo": np.concatenate([h["wo"] for h in hs], 0).astype(np.float32),
-                       "bo": layer["bo"].astype(np.float32), "w1": layer["w1"].astype(np.float32), "b1": layer["b1"].astype(np.float32),
-                       "w2": layer["w2"].astype(np.float32), "b2": layer["b2"].astype(np.float32)})
+        cat = {n: np.concatenate([h[n] for h in hs], -1) for n in ("wq", "bq", "wk", "bk", "wv", "bv")}
+        p = {**cat, "wq": cat["wq"] * root, "bq": cat["bq"] * root, "wo": np.concatenate([h["wo"] for h in hs], 0),
+             **{n: layer[n] for n in ("bo", "w1", "b1", "w2", "b2")}}
+        layers.append({n: v.astype(np.float32) for n, v in p.items()})
     cfg = Config(hidden=c.dim, layers=c.layers, heads=c.heads, head_dim=hd, ffn=layers[0]["w1"].shape[1], norm="none",
                  final_norm=False, activation="poly", attention="poly", attn_scale="none", head="token_sum",
                  poly_act=tuple(tuple(float(v) for v in layer["mlp_poly"]) for layer in plan["layers"]),
@@ -381,6 +380,13 @@ def save(model: PolyViT, path, extra: dict | None = None) -> None:
     from . import checkpoint
 
     checkpoint.save(model.state_dict(), path, KIND, model.cfg.to_json(), extra)
+
+
+def is_checkpoint(path) -> bool:
+    """True for a file (or a `stip train polyformer` folder's model) that ``load`` reads."""
+    from . import checkpoint
+
+    return checkpoint.info(path, KIND) is not None
 
 
 def load(path) -> tuple[PolyViT, dict]:

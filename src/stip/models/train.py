@@ -8,6 +8,7 @@ finished stage is loaded, the unfinished one continues from its last epoch.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -116,9 +117,9 @@ def fit(
 
 
 def _save(state: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    _atomic_write(path, buf.getvalue())
 
 
 @torch.no_grad()

@@ -56,7 +56,7 @@ def run(job: Job, model=None) -> tuple[CostReport, dict]:
     if job.layers is not None:
         if not 1 <= job.layers <= cfg.layers:
             raise ValueError(f"--layers must lie in 1..{cfg.layers}")
-        cfg, params = cfg.with_layers(job.layers), truncate(params, job.layers)
+        cfg, params = truncate(cfg, params, job.layers)
     if x is None:
         x = inputs_for(model, job.tokens, job.seed)
     extras: dict = {"tokens": int(x.shape[1]), "layers": cfg.layers, "model_type": model_type}

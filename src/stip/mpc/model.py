@@ -211,6 +211,6 @@ def forward(cfg: Config, params: dict, x, mask=None):
     return h
 
 
-def truncate(params: dict, k: int) -> dict:
-    """The first k layers' weights (for a cheaper MPC run: ``--layers K``)."""
-    return {**params, "layers": params["layers"][:k]}
+def truncate(cfg: Config, params: dict, k: int) -> tuple[Config, dict]:
+    """The model's first k layers, config and weights (for a cheaper MPC run: ``--layers K``)."""
+    return cfg.with_layers(k), {**params, "layers": params["layers"][:k]}

@@ -210,13 +210,7 @@ def write(sealed: Sealed, out: str | Path, preprocessing_from: str | Path | None
     }
     sealed.server.save_pretrained(server_dir, state_dict=state)
 
-    files = []
-    if preprocessing_from is not None:
-        for name in PREPROCESSING_FILES:
-            f = Path(preprocessing_from) / name
-            if f.is_file():
-                shutil.copy2(f, client_dir / name)
-                files.append(name)
+    files = copy_preprocessing(preprocessing_from, client_dir) if preprocessing_from is not None else []
     if sealed.client.embedder.modality == "image" and "preprocessor_config.json" not in files:
         _default_image_processor(sealed.client.config).save_pretrained(client_dir)
         files.append("preprocessor_config.json")
@@ -256,6 +250,14 @@ def rekey(sealed_dir: str | Path, out: str | Path, *, force: bool = False) -> Se
     sealed = Sealed(server=server, client=ClientBundle(config=bundle.config, key=new.client_key(), tensors=bundle.tensors), key=new)
     write(sealed, out, preprocessing_from=sealed_dir / CLIENT)
     return sealed
+
+
+def copy_preprocessing(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy the tokenizer / image-processor files that ``src`` has into ``dst``; their names."""
+    found = [name for name in PREPROCESSING_FILES if (Path(src) / name).is_file()]
+    for name in found:
+        shutil.copy2(Path(src) / name, Path(dst) / name)
+    return found
 
 
 def _default_image_processor(config):
