@@ -48,23 +48,21 @@ def repeats(attentions: tuple[torch.Tensor, ...], ids: torch.Tensor, mask: torch
     """How well each layer's attention maps separate same-token pairs of positions from the
     others (AUC over all pairs of real positions; 0.5 is chance), and the best layer's
     precision among its top-m pairs, m the number of repeated pairs."""
-    if not any((ids[b, : int(mask[b].sum()), None] == ids[b, None, : int(mask[b].sum())]).sum() > mask[b].sum()
-               for b in range(len(ids))):
+    pairs = []  # per prompt: its length, the upper-triangle pair indices, which pairs repeat a token
+    for b in range(len(ids)):
+        n = int(mask[b].sum())
+        iu = np.triu_indices(n, 1)
+        pairs.append((n, iu, (ids[b, :n, None] == ids[b, None, :n]).numpy()[iu]))
+    if not any(same.any() for _, _, same in pairs):
         raise ValueError("no token repeats within a text: attention leakage has nothing to score")
     by_layer, precision = [], []
     for attn in attentions:
-        pos, neg = [], []
-        for b in range(len(ids)):
-            n = int(mask[b].sum())
-            s = repeat_scores(attn[b], n)
-            same = (ids[b, :n, None] == ids[b, None, :n]).numpy()
-            iu = np.triu_indices(n, 1)
-            pos.append(s[iu][same[iu]])
-            neg.append(s[iu][~same[iu]])
-        pos, neg = np.concatenate(pos), np.concatenate(neg)
+        scores = [repeat_scores(attn[b], n)[iu] for b, (n, iu, _) in enumerate(pairs)]
+        pos = np.concatenate([sc[same] for sc, (_, _, same) in zip(scores, pairs)])
+        neg = np.concatenate([sc[~same] for sc, (_, _, same) in zip(scores, pairs)])
         by_layer.append(_auc(pos, neg))
         top = np.sort(np.concatenate([pos, neg]))[::-1][: len(pos)]
-        precision.append(float(np.isin(top, pos).mean()) if len(pos) else float("nan"))
+        precision.append(float(np.isin(top, pos).mean()))
     best = int(np.nanargmax(by_layer))
     return {"auc": by_layer[best], "layer": best, "auc_by_layer": by_layer, "precision_at_m": precision[best],
             "repeated_pairs": int(len(pos)), "other_pairs": int(len(neg))}

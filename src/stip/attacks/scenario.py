@@ -31,21 +31,19 @@ class Traffic:
     mask: torch.Tensor
     plain: torch.Tensor  # P3's embeddings before π (never sent)
     sent: torch.Tensor  # what P2 receives
+    tokenizer: object  # P3's, to show recovered tokens as text
 
 
-def _client(sealed: Path):
+def capture(sealed: str | Path, texts=TEXTS) -> Traffic:
     from transformers import AutoTokenizer
 
     from ..client.bundle import ClientBundle
 
-    return ClientBundle.load(sealed / "client"), AutoTokenizer.from_pretrained(sealed / "client", local_files_only=True)
-
-
-def capture(sealed: str | Path, texts=TEXTS) -> Traffic:
-    bundle, tok = _client(Path(sealed))
+    client = Path(sealed) / "client"
+    bundle, tok = ClientBundle.load(client), AutoTokenizer.from_pretrained(client, local_files_only=True)
     enc = tok(list(texts), padding=True, return_tensors="pt")
     plain = bundle.embedder(enc["input_ids"])
-    return Traffic(enc["input_ids"], enc["attention_mask"], plain, bundle.permuted_embeddings(enc["input_ids"]))
+    return Traffic(enc["input_ids"], enc["attention_mask"], plain, bundle.permuted_embeddings(enc["input_ids"]), tok)
 
 
 def _server(sealed: Path):
@@ -92,8 +90,7 @@ def vocab(sealed: str | Path, public: str | Path, texts=TEXTS, layers: int = 0) 
     else:
         observed = hidden(_server(sealed), layers, inputs_embeds=t.sent, attention_mask=t.mask)
         found = vocab_.match_hidden(observed, t.mask, pub, layers)
-    _, tok = _client(sealed)
-    recovered = [tok.decode(row[m.bool() & (row >= 0)], skip_special_tokens=True) for row, m in zip(found, t.mask)]
+    recovered = [t.tokenizer.decode(row[m.bool() & (row >= 0)], skip_special_tokens=True) for row, m in zip(found, t.mask)]
     return Result(_token_rate(found, t), int(t.mask.sum()), {"attack": "vocab", "layers": layers, "recovered": recovered})
 
 
@@ -174,9 +171,7 @@ def private_variant(src: str | Path, dst: str | Path, kind: str, scale: float = 
     for sealing: its word table re-initialised ("reinit-embeddings"), every weight re-initialised
     ("reinit-all"), or every tensor moved by Gaussian noise of ``scale`` × its own standard
     deviation ("drift", standing in for fine-tuning far from the base)."""
-    import shutil
-
-    from ..seal import PREPROCESSING_FILES
+    from ..seal import copy_preprocessing
 
     if kind not in VARIANTS:
         raise ValueError(f"kind must be one of {VARIANTS}")
@@ -194,7 +189,5 @@ def private_variant(src: str | Path, dst: str | Path, kind: str, scale: float = 
                 t.add_(torch.randn(t.shape, generator=gen) * t.std() * scale)
     dst = Path(dst)
     model.save_pretrained(dst)
-    for name in PREPROCESSING_FILES:
-        if (Path(src) / name).is_file():
-            shutil.copy2(Path(src) / name, dst / name)
+    copy_preprocessing(src, dst)
     return dst

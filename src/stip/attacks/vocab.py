@@ -62,21 +62,25 @@ def match_hidden(observed: torch.Tensor, mask: torch.Tensor, public, k: int, sho
     a patient attacker gets."""
     if not hasattr(public.base_model, "embeddings"):
         raise ValueError("hidden-state matching needs a model with BERT-style embeddings (word + position tables)")
-    vocab = public.get_input_embeddings().num_embeddings
-    every = torch.arange(vocab)
+    every = torch.arange(public.get_input_embeddings().num_embeddings)
+    lengths = [int(m.sum()) for m in mask]
+    obs = [_standard_sorted(observed[b, :n]) for b, n in enumerate(lengths)]
+    cands: list[list[torch.Tensor]] = [[] for _ in lengths]
+    for t in range(max(lengths)):  # one sort of the vocabulary's layer-0 rows per position, for every prompt
+        rows = _standard_sorted(_layer0_at(public, every, t))
+        for b, n in enumerate(lengths):
+            if t < n:
+                cands[b].append(_nearest(obs[b][t : t + 1], rows, chunk, shortlist)[0])
     out = torch.empty(observed.shape[:2], dtype=torch.long)
-    for b in range(len(observed)):
-        n = int(mask[b].sum())
-        obs = _standard_sorted(observed[b, :n])
-        cands = [_nearest(obs[t : t + 1], _standard_sorted(_layer0_at(public, every, t)), chunk, shortlist)[0] for t in range(n)]
-        guess = torch.stack([c[0] for c in cands])
+    for b, n in enumerate(lengths):
+        guess = torch.stack([c[0] for c in cands[b]])
         for _ in range(sweeps):
             for t in range(n):
-                trial = guess.expand(len(cands[t]), -1).clone()
-                trial[:, t] = cands[t]
+                trial = guess.expand(len(cands[b][t]), -1).clone()
+                trial[:, t] = cands[b][t]
                 h = hidden(public, k, input_ids=trial, attention_mask=torch.ones_like(trial))
-                dist = ((_standard_sorted(h) - obs) ** 2).sum((-1, -2))
-                guess[t] = cands[t][dist.argmin()]
+                dist = ((_standard_sorted(h) - obs[b]) ** 2).sum((-1, -2))
+                guess[t] = cands[b][t][dist.argmin()]
         out[b, :n] = guess
         out[b, n:] = -1
     return out
