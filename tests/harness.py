@@ -1,6 +1,6 @@
 """The one equivalence harness: build a model from a config, give every norm random γ/β,
-seal, run the plaintext model and the sealed path (P3 embeds and permutes, P2 runs the
-sealed checkpoint, P3 un-permutes), compare."""
+seal, run the plaintext model and the sealed path (P3 embeds and permutes — or, in token
+mode, renames the ids —, P2 runs the sealed checkpoint, P3 un-permutes), compare."""
 
 from __future__ import annotations
 
@@ -53,6 +53,11 @@ def run_plain(case: Case) -> dict:
 
 def run_sealed(sealed: Sealed, case: Case) -> dict:
     client = sealed.client
+    if client.mode == "tokens":  # P2 runs its checkpoint's own forward on renamed ids
+        ids = torch.tensor([client.rename_ids(row) for row in case.inputs["input_ids"].tolist()])
+        with torch.no_grad():
+            logits = sealed.server(input_ids=ids, attention_mask=case.inputs["attention_mask"]).logits
+        return client.unpermute_outputs({"logits": logits})
     if case.modality == "image":
         x = client.permuted_embeddings(case.inputs["pixel_values"])
         out = engine.forward(sealed.server, x)

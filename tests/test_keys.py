@@ -207,8 +207,17 @@ def test_client_key_with_extra_arrays_is_refused(tmp_path):
     arrays, meta = _read(path)
     arrays = dict(arrays, **{"layer.0.ffn": key["layer.0.ffn"]})
     _rewrite(path, arrays, meta)
-    with pytest.raises(InvalidKey, match="exactly"):
+    with pytest.raises(InvalidKey, match="holds 'pi' and 'pi_c'"):
         keys.load(path)
+
+
+def test_token_mode_client_key_holds_pi_c_only(tmp_path):
+    key = keys.generate(layout(), MODEL)
+    loaded = keys.load(key.client_key(tokens=True).save(tmp_path / "c.stip"))
+    assert loaded.tokens_only and loaded.fingerprint == key.fingerprint
+    assert np.array_equal(loaded.pi_c, key.pi_c)
+    with pytest.raises(InvalidKey, match="π_c only"):
+        loaded.pi
 
 
 def test_layout_checks():

@@ -69,6 +69,44 @@ def test_llama_tied_embeddings_are_untied(s):
     harness.assert_equivalent(case, sealed)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
+@settings(max_examples=15)
+@given(s=harness.text_shape(gqa=True))
+def test_token_mode(family, s):
+    case = harness.gpt2_case(s) if family == "gpt2" else harness.llama_case(s, family, tie=s["seed"] % 2 == 0)
+    sealed = seal(case.model, mode="tokens")
+    assert sealed.client.tensors == {} and sealed.client.key.tokens_only
+    harness.assert_equivalent(case, sealed)
+    # the engine feeds its own sampled id back: greedy decoding on renamed ids, restored, is plaintext's
+    prompt = case.inputs["input_ids"][:1, : s["lengths"][0]]
+    with torch.no_grad():
+        ones = torch.ones_like(prompt)  # else generate infers a mask from the pad id
+        plain = case.model.generate(prompt, attention_mask=ones, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+        renamed = torch.tensor([sealed.client.rename_ids(prompt[0].tolist())])
+        got = sealed.server.generate(renamed, attention_mask=ones, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert sealed.client.restore_ids(got[0, prompt.shape[1]:].tolist()) == plain[0, prompt.shape[1]:].tolist()
+
+
+def test_token_mode_retied_head_and_renamed_special_ids():
+    s = dict(heads=2, kv_heads=1, head_dim=4, layers=1, ffn=8, vocab=40, batch=1, seq=3, lengths=[3], seed=3)
+    case = harness.llama_case(s, "llama", tie=True)
+    case.model.config.eos_token_id, case.model.generation_config.eos_token_id = 7, [7, 9]
+    sealed = seal(case.model, mode="tokens")
+    server = sealed.server
+    assert server.lm_head.weight is server.get_input_embeddings().weight and server.config.tie_word_embeddings
+    assert sealed.client.restore_ids([server.config.eos_token_id]) == [7]
+    assert sealed.client.restore_ids(server.generation_config.eos_token_id) == [7, 9]
+    assert case.model.config.eos_token_id == 7  # the original is untouched
+
+
+def test_token_mode_is_for_causal_models_only():
+    s = dict(heads=2, kv_heads=2, head_dim=4, layers=1, ffn=8, vocab=40, batch=1, seq=3, lengths=[3], seed=3)
+    with pytest.raises(UnsupportedModel, match="token mode"):
+        seal(harness.bert_case(s, "BertModel").model, mode="tokens")
+    with pytest.raises(ValueError, match="unknown mode"):
+        seal(harness.bert_case(s, "BertModel").model, mode="rows")
+
+
 @EXAMPLES
 @given(harness.vision_shape())
 def test_vit(s):

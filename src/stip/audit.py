@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import keys
-from .client.bundle import CONFIG, KEY, MANIFEST, TENSORS, ClientBundle, InvalidBundle
+from .client.bundle import CONFIG, EMBEDDINGS, KEY, MANIFEST, TENSORS, TOKENS, ClientBundle, InvalidBundle
 from .keys import InvalidKey, Key
 from .seal import CLIENT, KEY_FILE, PREPROCESSING_FILES, PROVIDER, SERVER, SERVER_META, base_prefix, family_of
 
@@ -48,7 +48,7 @@ def audit(out: str | Path, original: str | Path | None = None) -> list[Violation
 
     provider_key = _provider(out / PROVIDER, found)
     client_fp = _client(out / CLIENT, found)
-    server_fp, server_tensors = _server(out / SERVER, found)
+    server_fp, server_tensors, mode = _server(out / SERVER, found)
 
     fps = {"provider": provider_key.fingerprint if provider_key else None, "client": client_fp, "server": server_fp}
     known = {k: v for k, v in fps.items() if v}
@@ -57,7 +57,7 @@ def audit(out: str | Path, original: str | Path | None = None) -> list[Violation
         found.append(Violation("OUT", f"the three folders carry different key fingerprints ({listing})"))
 
     if original is not None and server_tensors is not None:
-        _against_original(Path(original), server_tensors, provider_key, found)
+        _against_original(Path(original), server_tensors, provider_key, mode, found)
     return found
 
 
@@ -97,10 +97,13 @@ def _client(folder: Path, found: list[Violation]) -> str | None:
     except (InvalidBundle, InvalidKey, OSError, ValueError) as e:
         found.append(Violation("client/", str(e)))
         return None
+    if bundle.mode == TOKENS and (folder / TENSORS).exists():
+        found.append(Violation(f"client/{TENSORS}", "a token-mode client holds no embedding table"))
     skeleton = _skeleton(bundle.config, bundle.key.model.get("architecture"))
     if skeleton is not None:
         prefix = base_prefix(skeleton)
-        expected = {n.removeprefix(prefix) for n in family_of(skeleton).client_side(skeleton)}
+        client_side = family_of(skeleton).client_side(skeleton) if bundle.mode == EMBEDDINGS else {}
+        expected = {n.removeprefix(prefix) for n in client_side}
         for name in sorted(set(bundle.tensors) - expected):
             found.append(Violation(f"client/{TENSORS}", f"holds {name!r}, which is not an embedding weight (a transformer-layer weight must never reach P3)"))
     return bundle.fingerprint
@@ -118,9 +121,10 @@ def _server(folder: Path, found: list[Violation]):
         cfg = json.loads(cfg_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         found.append(Violation("server/config.json", f"unreadable ({e})"))
-        return None, None
+        return None, None, EMBEDDINGS
     meta = cfg.get(SERVER_META)
     fp = meta.get("fingerprint") if isinstance(meta, dict) else None
+    mode = meta.get("mode", EMBEDDINGS) if isinstance(meta, dict) else EMBEDDINGS
     if fp is None:
         found.append(Violation("server/config.json", f"no '{SERVER_META}' entry: not a sealed checkpoint"))
     for where, value in _int_lists(cfg):
@@ -142,14 +146,14 @@ def _server(folder: Path, found: list[Violation]):
 
     config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
     skeleton = _skeleton(config, (cfg.get("architectures") or [None])[0])
-    if skeleton is not None:
+    if skeleton is not None and mode == EMBEDDINGS:  # in token mode P2 holds the sealed word table
         for name, how in family_of(skeleton).client_side(skeleton).items():
             t = tensors.get(name)
             if t is None:
                 continue
             if how == "drop" or bool(t.abs().sum() != 0):
                 found.append(Violation(f"server/{name}", "holds P3's embedding table (it must be absent, or all zeros where the model adds it)"))
-    return fp, tensors
+    return fp, tensors, mode
 
 
 def _skeleton(config, arch: str | None):
@@ -185,7 +189,7 @@ def _is_permutation(a: np.ndarray) -> bool:
     return a.ndim == 1 and n >= 2 and np.array_equal(np.sort(a), np.arange(n))
 
 
-def _against_original(src: Path, server: dict[str, torch.Tensor], key: Key | None, found: list[Violation]) -> None:
+def _against_original(src: Path, server: dict[str, torch.Tensor], key: Key | None, mode: str, found: list[Violation]) -> None:
     """A server tensor equal to the original one was not sealed.
 
     Where the provider key is readable, a tensor counts only if sealing it with that key moves
@@ -199,7 +203,7 @@ def _against_original(src: Path, server: dict[str, torch.Tensor], key: Key | Non
     expected = None
     if key is not None:
         try:
-            expected = seal(model, key).server.state_dict()
+            expected = seal(model, key, mode=mode).server.state_dict()
         except (InvalidKey, ValueError) as e:
             found.append(Violation("provider/key.stip", f"does not belong to {src}: {e}"))
     for name, t in server.items():

@@ -34,6 +34,8 @@ def seal(
     src: Optional[Path] = typer.Argument(None, help="Local Hugging Face model folder (config.json + weights)."),
     out_dir: Optional[Path] = typer.Argument(None, metavar="OUT", help="Folder to write server/, client/ and provider/ into."),
     default: Optional[Path] = typer.Option(None, "--default", metavar="OUT", help="Seal the embedded default model (all-MiniLM-L6-v2) into OUT."),
+    chat: Optional[Path] = typer.Option(None, "--chat", metavar="OUT", help="Seal the embedded chat model (SmolLM2-135M-Instruct) into OUT; token mode unless --mode says otherwise."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="embeddings (default: P3 embeds, sends rows permuted by π) or tokens (causal LMs: P2 embeds ids renamed by π_c, so vLLM can serve it)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing, non-empty OUT."),
     public_base: Optional[Path] = typer.Option(None, "--public-base", metavar="DIR", help="A public checkpoint this model derives from: warn if the cloud could use it to attack (docs/threat-model.md)."),
 ) -> None:
@@ -43,15 +45,27 @@ def seal(
     user needs: tokenizer or image processor, embedding weights, π and π_c) and OUT/provider
     (the full key, keep it private). Prints the key fingerprint.
     """
+    from .client.bundle import MODES, TOKENS
+    from .models import chat as chat_model
     from .models import default as default_model
-    from .seal import UnsupportedModel, seal_folder
+    from .seal import EMBEDDINGS, UnsupportedModel, seal_folder
 
+    if mode is not None and mode not in MODES:
+        fail(f"--mode is one of {', '.join(MODES)}, not {mode!r}")
+    given = [x for x in (default, chat) if x is not None]
+    if len(given) > 1 or (given and (src is not None or out_dir is not None)):
+        fail("give one of SRC OUT, --default OUT or --chat OUT")
     if default is not None:
-        if src is not None or out_dir is not None:
-            fail("give either SRC OUT or --default OUT, not both")
         src, out_dir = default_model.path(), default
+    elif chat is not None:
+        try:
+            with err.status("preparing the chat model (converted from GGUF once, ~40 s) …"):
+                src, out_dir = chat_model.path(), chat
+        except (RuntimeError, OSError) as e:
+            fail(str(e))
+        mode = mode or TOKENS
     elif src is None or out_dir is None:
-        fail("usage: stip seal SRC OUT  |  stip seal --default OUT")
+        fail("usage: stip seal SRC OUT  |  stip seal --default OUT  |  stip seal --chat OUT")
 
     try:
         if public_base is not None:
@@ -69,10 +83,10 @@ def seal(
             def step(what: str) -> None:
                 progress.update(task, advance=1, description=f"sealing: {what}")
 
-            sealed = seal_folder(src, out_dir, step=step, force=force)
+            sealed = seal_folder(src, out_dir, mode=mode or EMBEDDINGS, step=step, force=force)
     except (FileNotFoundError, FileExistsError, UnsupportedModel, ValueError, OSError) as e:
         fail(str(e))
-    out.print(f"sealed [bold]{sealed.key.model['architecture']}[/] into {out_dir}")
+    out.print(f"sealed [bold]{sealed.key.model['architecture']}[/] into {out_dir} ({sealed.client.mode} mode)")
     out.print("  server/   → the cloud (P2)\n  client/   → the user (P3), out of band\n  provider/ → keep private")
     out.print(f"fingerprint {sealed.key.fingerprint}")
 
@@ -161,14 +175,12 @@ def serve(
     max_sessions: int = typer.Option(64, help="Generation sessions open at once."),
     session_idle: float = typer.Option(300.0, help="Seconds after which an idle session expires."),
 ) -> None:
-    """Serve a sealed checkpoint (P2): permuted embeddings in, permuted outputs out."""
-    import socket
+    """Serve a sealed checkpoint (P2): permuted embeddings in, permuted outputs out.
 
-    import uvicorn
-
+    For a token-mode sealing of a chat model, serve OUT/server with vLLM instead
+    (docs/deploy.md) and run `stip proxy` on the user's side."""
     from .serve.app import Limits, create_app
     from .serve.engine import NotSealed
-    from .serve.process import READY_PREFIX
 
     token = _read_token(token_file)
     if token is None and host not in ("127.0.0.1", "localhost", "::1"):
@@ -184,6 +196,18 @@ def serve(
         api = create_app(server_dir, token=token, limits=limits)
     except (NotSealed, OSError, ValueError) as e:
         fail(str(e))
+    model = api.state.model
+    _listen(api, host, port, "serve", f"{type(model).__name__}, fingerprint {model.config.stip['fingerprint'][:16]}…")
+
+
+def _listen(api, host: str, port: int, command: str, what: str) -> None:
+    """Bind (port 0: a free one), print the ready line with the URL, serve until stopped."""
+    import socket
+
+    import uvicorn
+
+    from .serve.process import ready_line
+
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -192,11 +216,38 @@ def serve(
     except OSError as e:
         fail(f"cannot bind {host}:{port}: {e.strerror or e}")
     sock.listen(128)
-    bound = sock.getsockname()[1]
-    model = api.state.model
-    print(f"{READY_PREFIX}http://{host}:{bound} ({type(model).__name__}, fingerprint {model.config.stip['fingerprint'][:16]}…)", flush=True)
-    server = uvicorn.Server(uvicorn.Config(api, log_level="warning", access_log=False))
-    server.run(sockets=[sock])
+    print(f"{ready_line(command)}http://{host}:{sock.getsockname()[1]} ({what})", flush=True)
+    uvicorn.Server(uvicorn.Config(api, log_level="warning", access_log=False)).run(sockets=[sock])
+
+
+@app.command()
+def proxy(
+    client_dir: Path = typer.Argument(..., metavar="OUT/client", help="The client folder of a token-mode sealing (stip seal --mode tokens)."),
+    upstream: str = typer.Option(..., "--upstream", help="The cloud's engine: vLLM's OpenAI server holding OUT/server, e.g. http://10.0.0.5:8000"),
+    upstream_token_file: Optional[Path] = typer.Option(None, "--upstream-token-file", help="File holding the bearer token the engine expects (vLLM --api-key)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; keep it on loopback: the proxy sees prompts in the clear."),
+    port: int = typer.Option(8080, help="Port to bind; 0 picks a free one (printed on stdout)."),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="The model id applications ask for (default: derived from the sealing)."),
+    upstream_model: Optional[str] = typer.Option(None, "--upstream-model", help="The engine's served model name (default: stip-<fingerprint>, as `stip` starts vLLM)."),
+    timeout: float = typer.Option(300.0, help="Seconds to wait for the engine before answering 504."),
+) -> None:
+    """Run the user's side (P3) as a local OpenAI-compatible server.
+
+    Point any OpenAI client at http://HOST:PORT/v1. Chat templates and tokenization run here;
+    only token ids renamed by the secret π_c reach the engine, and the ids it returns are
+    restored and detokenized here."""
+    from .client.bundle import InvalidBundle
+    from .client.proxy import Upstream, create_app
+    from .keys import InvalidKey
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        err.print(f"[yellow]warning:[/] binding {host}: whoever reaches the proxy sends prompts through your key")
+    try:
+        up = Upstream(upstream, token=_read_token(upstream_token_file), timeout=timeout, model=upstream_model)
+        api = create_app(client_dir, up, model_name=model_name)
+    except (InvalidBundle, InvalidKey, OSError, ValueError) as e:
+        fail(str(e))
+    _listen(api, host, port, "proxy", f"model {api.state.model_name}, upstream {upstream}")
 
 
 def _client(client_dir: Path, server: str, token_file: Path | None):
@@ -647,13 +698,16 @@ def bench(
 
 
 @app.command()
-def demo() -> None:
-    """Seal the embedded MiniLM into a temporary folder, audit it, and check that the sealed
-    checkpoint, loaded from disk and fed permuted embeddings, gives the plaintext sentence
-    embeddings."""
+def demo(
+    chat: bool = typer.Option(True, "--chat/--no-chat", help="Also run the chat step (needs vLLM: `make vllm`)."),
+) -> None:
+    """The three parties end to end. MiniLM: seal, audit, serve with `stip serve`, query, and
+    compare with the plaintext sentence embeddings. Chat: seal SmolLM2 in token mode, serve it
+    with vLLM, ask through `stip proxy` with the openai client, and compare with plaintext
+    generation."""
     from .demo import run
 
-    sys.exit(run(out, err))
+    sys.exit(run(out, err, chat=chat))
 
 
 def main() -> None:

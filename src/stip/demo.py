@@ -1,8 +1,12 @@
-"""``stip demo`` (what ``make demo`` runs): the three-party flow on the embedded MiniLM.
+"""``stip demo`` (what ``make demo`` runs): the three-party flow on the embedded models.
 
-P1 seals the model into a temporary folder and audits it; P2 is ``stip serve`` started as a
-subprocess on a free loopback port, loading only ``server/``; P3 is the Python client,
-loading only ``client/``. The answers are checked against the plaintext model.
+MiniLM: P1 seals the model into a temporary folder and audits it; P2 is ``stip serve``
+started as a subprocess on a free loopback port, loading only ``server/``; P3 is the Python
+client, loading only ``client/``. The answers are checked against the plaintext model.
+
+Chat: P1 seals SmolLM2-135M-Instruct in token mode; P2 is an unmodified vLLM serving
+``server/``; P3 is ``stip proxy`` on ``client/``, asked one question by the official openai
+client. The greedy answer must equal plaintext ``transformers`` generation.
 """
 
 from __future__ import annotations
@@ -29,7 +33,77 @@ ROUNDS = 5
 MIN_COSINE = 1 - 1e-5
 
 
-def run(out, err) -> int:
+CHAT_QUESTION = "What is the capital of France? Answer in one sentence."
+CHAT_TOKENS = 48
+
+
+def run(out, err, *, chat: bool = True) -> int:
+    code = minilm(out, err)
+    if chat:
+        code = max(code, chat_step(out, err))
+    return code
+
+
+def chat_step(out, err) -> int:
+    """The chat model through vLLM and the proxy, beside plaintext generation."""
+    from . import audit, seal
+    from .models import chat
+    from .serve import vllm
+    from .serve.process import ServerProcess
+
+    try:
+        import openai
+
+        vllm.python()
+    except (ImportError, vllm.EngineUnavailable) as e:
+        err.print(f"[red]chat step needs the openai client and vLLM[/]: {e} (`make demo` installs both)")
+        return 1
+    out.print(f"\n[bold]P1[/] seals {chat.NAME} in token mode …")
+    src = chat.path(step=lambda msg: out.print(f"    {msg}"))
+    with tempfile.TemporaryDirectory(prefix="stip-chat-") as tmp:
+        tmp = Path(tmp)
+        sealed = seal.seal_folder(src, tmp, mode="tokens")
+        out.print(f"    fingerprint {sealed.key.fingerprint}")
+        violations = audit.audit(tmp)
+        out.print("    audit " + ("[green]passed[/]" if not violations else f"[red]failed: {violations}[/]"))
+        del sealed
+        out.print("[bold]P2[/] starts vLLM on server/ (an ordinary checkpoint; the first start compiles, ~2–4 min) …")
+        t0 = time.perf_counter()
+        with vllm.VLLMProcess(tmp / seal.SERVER) as engine:
+            out.print(f"    {engine.url} ready in {time.perf_counter() - t0:.0f} s")
+            with ServerProcess(tmp / seal.CLIENT, "--upstream", engine.url, command="proxy") as proxy:
+                out.print(f"[bold]P3[/] runs [italic]stip proxy client/[/] at {proxy.url}; the openai client asks: {CHAT_QUESTION!r}")
+                api = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="local")
+                model = api.models.list().data[0].id
+                t0 = time.perf_counter()
+                reply = api.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": CHAT_QUESTION}], temperature=0, max_tokens=CHAT_TOKENS
+                )
+                wall = time.perf_counter() - t0
+    sealed_answer = reply.choices[0].message.content
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(src, local_files_only=True).eval()
+    ids = tok.apply_chat_template([{"role": "user", "content": CHAT_QUESTION}], add_generation_prompt=True, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=CHAT_TOKENS, do_sample=False)
+    plain_answer = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+
+    table = Table(title=f"{chat.NAME}: greedy answer, sealed on vLLM vs plaintext transformers", show_header=False)
+    table.add_column("")
+    table.add_column("")
+    table.add_row("sealed: openai → stip proxy → vLLM", sealed_answer)
+    table.add_row("plaintext: transformers generate", plain_answer)
+    table.add_row("sealed request", f"{wall:.2f} s, {reply.usage.completion_tokens} tokens")
+    out.print(table)
+    ok = sealed_answer == plain_answer and not violations
+    out.print("[green]identical[/]: the sealed chat model answers as the plaintext one" if ok else "[red]MISMATCH[/] between sealed and plaintext answers")
+    return 0 if ok else 1
+
+
+def minilm(out, err) -> int:
     from . import audit, seal
     from .client.api import Client
     from .models import default

@@ -263,8 +263,9 @@ class Key:
     def names(self) -> list[str]:
         return list(self._perms)
 
-    def client_key(self) -> "ClientKey":
-        return ClientKey(self.pi, self.pi_c, self.fingerprint, self.model)
+    def client_key(self, *, tokens: bool = False) -> "ClientKey":
+        """P3's share: π and π_c; in token mode π_c alone (P2 embeds, so P3 never needs π)."""
+        return ClientKey(None if tokens else self.pi, self.pi_c, self.fingerprint, self.model)
 
     def matches(self, layout: Layout, model: Mapping[str, object]) -> None:
         """Raise unless this key was drawn for this layout and this model."""
@@ -285,12 +286,15 @@ class Key:
 
 
 class ClientKey:
-    """The user's key: π (input) and π_c (output), nothing per layer."""
+    """The user's key: π (input) and π_c (output), nothing per layer. A token-mode key holds
+    π_c only."""
 
     kind = "client"
 
-    def __init__(self, pi: np.ndarray, pi_c: np.ndarray, fingerprint_: str, model: Mapping[str, object]):
-        self._perms = {PI: np.asarray(pi, dtype=np.int64), PI_C: np.asarray(pi_c, dtype=np.int64)}
+    def __init__(self, pi: np.ndarray | None, pi_c: np.ndarray, fingerprint_: str, model: Mapping[str, object]):
+        self._perms = {PI_C: np.asarray(pi_c, dtype=np.int64)}
+        if pi is not None:
+            self._perms[PI] = np.asarray(pi, dtype=np.int64)
         for name, arr in self._perms.items():
             check_permutation(name, arr, arr.size)
             arr.setflags(write=False)
@@ -300,11 +304,17 @@ class ClientKey:
 
     @property
     def pi(self) -> np.ndarray:
+        if PI not in self._perms:
+            raise InvalidKey("this is a token-mode client key: it holds π_c only")
         return self._perms[PI]
 
     @property
     def pi_c(self) -> np.ndarray:
         return self._perms[PI_C]
+
+    @property
+    def tokens_only(self) -> bool:
+        return PI not in self._perms
 
     def save(self, path: str | os.PathLike) -> Path:
         return _write(path, self.kind, self._perms, self.fingerprint, self.model, {"digest": self.digest})
@@ -363,9 +373,9 @@ def load(path: str | os.PathLike) -> Key | ClientKey:
             key: Key | ClientKey = Key(arrays, _layout_from_json(meta["layout"]), meta["model"])
             ok = key.fingerprint == meta["fingerprint"]
         elif meta["kind"] == "client":
-            if set(arrays) != {PI, PI_C}:
-                raise InvalidKey(f"a client key holds exactly {PI!r} and {PI_C!r}, found {sorted(arrays)}")
-            key = ClientKey(arrays[PI], arrays[PI_C], meta["fingerprint"], meta["model"])
+            if set(arrays) not in ({PI, PI_C}, {PI_C}):
+                raise InvalidKey(f"a client key holds {PI!r} and {PI_C!r} (or {PI_C!r} alone), found {sorted(arrays)}")
+            key = ClientKey(arrays.get(PI), arrays[PI_C], meta["fingerprint"], meta["model"])
             ok = key.digest == meta["digest"]
         else:
             raise InvalidKey(f"key file {path} has unknown kind {meta['kind']!r}")

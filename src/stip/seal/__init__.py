@@ -2,10 +2,12 @@
 
     sealed = seal(model)                  # in memory: Sealed(server, client, key)
     sealed = seal(model, key)             # with a key drawn earlier for this model
+    sealed = seal(model, mode="tokens")   # causal LMs: P2 embeds renamed token ids itself
     seal_folder("path/to/hf-model", "out")  # on disk: out/server, out/client, out/provider
 
 One module per architecture family (bert, gpt2, llama, vit, swin), each reading like its
-table in stip-algebra.md, behind one dispatch on ``config.model_type``.
+table in stip-algebra.md, behind one dispatch on ``config.model_type``. Families whose
+models generate text also define ``seal_tokens_`` (token mode).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Callable
 import torch
 
 from .. import keys as keys_
-from ..client.bundle import ClientBundle
+from ..client.bundle import EMBEDDINGS, MODES, TOKENS, ClientBundle
 from ..keys import Key
 from . import bert, gpt2, llama, swin, vit
 
@@ -83,36 +85,83 @@ class Sealed:
 
 
 def seal(
-    model, key: Key | None = None, *, inplace: bool = False, step: Callable[[str], None] = lambda _: None
+    model,
+    key: Key | None = None,
+    *,
+    mode: str = EMBEDDINGS,
+    inplace: bool = False,
+    step: Callable[[str], None] = lambda _: None,
 ) -> Sealed:
     """Seal ``model`` with ``key``, or with a freshly drawn one.
 
+    ``mode="embeddings"`` (the paper's): P3 embeds and sends rows permuted by π.
+    ``mode="tokens"`` (causal LMs): P2's checkpoint keeps the word table, sealed, and is fed
+    token ids renamed by π_c, so an unmodified engine serves it.
     The model is left untouched unless ``inplace`` (which spares a second copy of the weights
     when the original is not needed afterwards)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; one of {', '.join(MODES)}")
     fam = family_of(model)
+    if mode == TOKENS and not hasattr(fam, "seal_tokens_"):
+        raise UnsupportedModel(f"token mode is for causal language models; {type(model).__name__} takes embedding mode")
     layout = fam.layout(model)
     ident = identity(model)
     if key is None:
         key = keys_.generate(layout, ident)
     else:
         key.matches(layout, ident)
-    client_side = fam.client_side(model)
+    client_side = fam.client_side(model) if mode == EMBEDDINGS else {}
     prefix = base_prefix(model)
     state = model.state_dict()
     client_tensors = {name.removeprefix(prefix): state[name].detach().clone() for name in client_side}
-    bundle = ClientBundle(config=copy.deepcopy(model.config), key=key.client_key(), tensors=client_tensors)
+    bundle = ClientBundle(
+        config=copy.deepcopy(model.config), key=key.client_key(tokens=mode == TOKENS), tensors=client_tensors, mode=mode
+    )
 
     server = (model if inplace else copy.deepcopy(model)).eval()
+    tied = _tied(server)
     fam.seal_(server, key, step)
+    if mode == TOKENS:
+        _seal_tokens(fam, server, key, tied)
     sd = server.state_dict()
     with torch.no_grad():
         for name in client_side:
             sd[name].zero_()  # P2 never holds P3's tables, not even in memory
-    _server_config(server.config, key, client_side)
+    _server_config(server.config, key, client_side, mode)
     return Sealed(server=server, client=bundle, key=key)
 
 
-def _server_config(config, key: Key, client_side: dict[str, str]) -> None:
+def _tied(model) -> bool:
+    out = model.get_output_embeddings()
+    return out is not None and out.weight is model.get_input_embeddings().weight
+
+
+def _seal_tokens(fam: ModuleType, server, key: Key, tied: bool) -> None:
+    """Token mode on top of a sealed body: seal the word table (rows by π_c, columns by π),
+    re-tie a tied head (both tables are then the same matrix E[π_c][:, π]), and rename the
+    special ids in P2's configs so that the engine stops on the sealed end-of-text id."""
+    fam.seal_tokens_(server, key)
+    if tied:
+        emb, head = server.get_input_embeddings(), server.get_output_embeddings()
+        if not torch.equal(emb.weight, head.weight):
+            raise AssertionError("a tied head sealed differently from its word table")
+        head.weight = emb.weight
+        server.config.tie_word_embeddings = True
+    rename = keys_.invert(key.pi_c)
+    configs = [server.config] + ([server.generation_config] if getattr(server, "generation_config", None) else [])
+    for cfg in configs:
+        for name in SPECIAL_IDS:
+            value = getattr(cfg, name, None)
+            if isinstance(value, int):
+                setattr(cfg, name, int(rename[value]))
+            elif isinstance(value, list):
+                setattr(cfg, name, [int(rename[v]) for v in value])
+
+
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+
+
+def _server_config(config, key: Key, client_side: dict[str, str], mode: str = EMBEDDINGS) -> None:
     """Strip from P2's config what identifies the user-facing model beyond its shapes."""
     config._name_or_path = ""
     n = getattr(config, "num_labels", None)
@@ -125,6 +174,7 @@ def _server_config(config, key: Key, client_side: dict[str, str]) -> None:
         SERVER_META,
         {
             "format": 1,
+            "mode": mode,
             "fingerprint": key.fingerprint,
             "client_side": sorted(n for n, how in client_side.items() if how == "drop"),
             "zeroed": sorted(n for n, how in client_side.items() if how == "zero"),
@@ -146,6 +196,8 @@ PREPROCESSING_FILES = (
     "tokenizer.model",
     "added_tokens.json",
     "preprocessor_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
 )
 
 
@@ -177,6 +229,7 @@ def seal_folder(
     out: str | Path,
     key: Key | None = None,
     *,
+    mode: str = EMBEDDINGS,
     step: Callable[[str], None] = lambda _: None,
     force: bool = False,
 ) -> Sealed:
@@ -189,7 +242,7 @@ def seal_folder(
             shutil.rmtree(out / part, ignore_errors=True)
     model = load_source(src)
     step("loaded")
-    sealed = seal(model, key, inplace=True, step=step)
+    sealed = seal(model, key, mode=mode, inplace=True, step=step)
     write(sealed, out, preprocessing_from=src)
     step("written")
     return sealed
@@ -211,7 +264,7 @@ def write(sealed: Sealed, out: str | Path, preprocessing_from: str | Path | None
     sealed.server.save_pretrained(server_dir, state_dict=state)
 
     files = copy_preprocessing(preprocessing_from, client_dir) if preprocessing_from is not None else []
-    if sealed.client.embedder.modality == "image" and "preprocessor_config.json" not in files:
+    if sealed.client.mode == EMBEDDINGS and sealed.client.embedder.modality == "image" and "preprocessor_config.json" not in files:
         _default_image_processor(sealed.client.config).save_pretrained(client_dir)
         files.append("preprocessor_config.json")
     sealed.client.save(client_dir, preprocessing=files)
@@ -243,11 +296,16 @@ def rekey(sealed_dir: str | Path, out: str | Path, *, force: bool = False) -> Se
     if not old.fingerprint == bundle.fingerprint == meta["fingerprint"]:
         raise keys_.InvalidKey(f"{sealed_dir}: the provider key, client key and server checkpoint belong to different sealings")
     fresh = keys_.generate(old.layout, old.model)
-    family_of(server).seal_(server, fresh)
+    mode = meta.get("mode", EMBEDDINGS)
+    fam, tied = family_of(server), _tied(server)
+    fam.seal_(server, fresh)
+    if mode == TOKENS:  # the ids P2 knows are renamed again: composing renames is a gather too
+        _seal_tokens(fam, server, fresh, tied)
     new = Key({n: old[n][fresh[n]] for n in old.names()}, old.layout, old.model)
     client_side = {n: "drop" for n in meta["client_side"]} | {n: "zero" for n in meta["zeroed"]}
-    _server_config(server.config, new, client_side)
-    sealed = Sealed(server=server, client=ClientBundle(config=bundle.config, key=new.client_key(), tensors=bundle.tensors), key=new)
+    _server_config(server.config, new, client_side, mode)
+    client = ClientBundle(config=bundle.config, key=new.client_key(tokens=mode == TOKENS), tensors=bundle.tensors, mode=mode)
+    sealed = Sealed(server=server, client=client, key=new)
     write(sealed, out, preprocessing_from=sealed_dir / CLIENT)
     return sealed
 

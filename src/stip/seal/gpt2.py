@@ -6,6 +6,7 @@
     mlp.c_fc / mlp.c_proj     in π, out π_{i,3} / in π_{i,3}, out π
     lm_head                   untied from wte: wte[π_c][:, π]
     wte, wpe                  P3's; wpe stays on P2 as zeros since GPT2Model adds it to inputs_embeds
+    token mode                wte′ = wte[π_c][:, π] (= lm_head′) and wpe′ = wpe[:, π] stay on P2
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ def seal_(model, key: Key, step=lambda _: None) -> None:
     untie_lm_head(model)
     rules.linear(model.lm_head, pi, key.pi_c)
     step("head")
+
+
+def seal_tokens_(model, key: Key) -> None:
+    rules.embedding(model.transformer.wte, key.pi_c, key.pi)
+    rules.columns(model.transformer.wpe.weight, key.pi)
 
 
 def untie_lm_head(model) -> None:

@@ -7,6 +7,8 @@
     o_proj           in π_{i,2}, out π;  Qwen2's q/k/v biases follow their outputs
     gate, up         in π, out the same π_{i,3};  down in π_{i,3}, out π   (SwiGLU)
     lm_head          in π, out π_c (untied when tied to embed_tokens)
+    embed_tokens     P3's in embedding mode; in token mode P2's: E[π_c][:, π], which is the
+                     sealed lm_head itself when the two were tied
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ def seal_(model, key: Key, step=lambda _: None) -> None:
     untie_lm_head(model)
     rules.linear(model.lm_head, pi, key.pi_c)
     step("head")
+
+
+def seal_tokens_(model, key: Key) -> None:
+    rules.embedding(model.model.embed_tokens, key.pi_c, key.pi)
 
 
 def client_side(model) -> dict[str, str]:

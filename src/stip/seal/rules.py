@@ -40,6 +40,13 @@ def linear(lin: nn.Module, p_in: np.ndarray | None, p_out: np.ndarray | None) ->
 
 
 @torch.no_grad()
+def embedding(emb: nn.Module, p_rows: np.ndarray, p_cols: np.ndarray) -> None:
+    """nn.Embedding (weight (vocab, d)): row j of the sealed table embeds the id that p_rows
+    puts at j, so ids are renamed by p_rows; each row leaves permuted by p_cols."""
+    _assign(emb.weight, _gather(_gather(emb.weight, 0, p_rows), 1, p_cols))
+
+
+@torch.no_grad()
 def conv1d(conv: nn.Module, p_in: np.ndarray | None, p_out: np.ndarray | None) -> None:
     """GPT-2's Conv1D, whose weight is stored transposed: (in, out)."""
     _assign(conv.weight, _gather(_gather(conv.weight, 0, p_in), 1, p_out))

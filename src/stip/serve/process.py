@@ -1,7 +1,10 @@
-"""Start ``stip serve`` as a real subprocess on a free loopback port (demo, tests, benchmarks).
+"""Start ``stip serve`` (or ``stip proxy``) as a real subprocess on a free loopback port
+(demo, tests, benchmarks).
 
     with ServerProcess(out / "server", token_file=f) as srv:
         Client(out / "client", srv.url, token=token)
+    with ServerProcess(out / "client", "--upstream", engine.url, command="proxy") as proxy:
+        openai.OpenAI(base_url=proxy.url + "/v1", api_key="-")
 """
 
 from __future__ import annotations
@@ -17,11 +20,25 @@ from pathlib import Path
 import httpx
 
 READY_PREFIX = "stip serve: listening on "
+HEALTH = {"serve": "/v1/health", "proxy": "/v1/models"}
+
+
+def ready_line(command: str) -> str:
+    """What ``stip serve`` / ``stip proxy`` print once bound, followed by their URL."""
+    return READY_PREFIX.replace("serve", command)
 
 
 class ServerProcess:
-    def __init__(self, server_dir: str | Path, *args: str, token_file: str | Path | None = None, timeout: float = 120.0):
-        cmd = [sys.executable, "-m", "stip.cli", "serve", str(server_dir), "--host", "127.0.0.1", "--port", "0", *args]
+    def __init__(
+        self,
+        folder: str | Path,
+        *args: str,
+        token_file: str | Path | None = None,
+        timeout: float = 120.0,
+        command: str = "serve",
+    ):
+        self.command = command
+        cmd = [sys.executable, "-m", "stip.cli", command, str(folder), "--host", "127.0.0.1", "--port", "0", *args]
         if token_file is not None:
             cmd += ["--token-file", str(token_file)]
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
@@ -44,17 +61,18 @@ class ServerProcess:
             except queue.Empty:
                 continue
             if line is None:
-                raise RuntimeError(f"stip serve exited with {self.proc.wait()}: {self.proc.stderr.read()[-2000:]}")
-            if line.startswith(READY_PREFIX):
-                url = line[len(READY_PREFIX):].split()[0]
+                raise RuntimeError(f"stip {self.command} exited with {self.proc.wait()}: {self.proc.stderr.read()[-2000:]}")
+            prefix = ready_line(self.command)
+            if line.startswith(prefix):
+                url = line[len(prefix):].split()[0]
                 while time.monotonic() < deadline:  # listening; wait until it answers
                     try:
-                        if httpx.get(f"{url}/v1/health", timeout=2).status_code == 200:
+                        if httpx.get(f"{url}{HEALTH[self.command]}", timeout=2).status_code == 200:
                             return url
                     except httpx.TransportError:
                         time.sleep(0.05)
         self.stop()
-        raise TimeoutError(f"stip serve did not become ready within {timeout:.0f} s")
+        raise TimeoutError(f"stip {self.command} did not become ready within {timeout:.0f} s")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
