@@ -136,3 +136,40 @@ def test_documented_figures_are_parsed_and_compared():
     text = "| `a.b` | what | 97.5 % | `cmd` |\n| `c` | x | 0.0 % | y |\n| not a figure | 1 % |"
     assert figures.documented(text) == {"a.b": 0.975, "c": 0.0}
     assert figures.disagreements(text, {"a.b": {"value": 0.90}, "c": {"value": 0.01}}) == ["a.b: documented 97.5 %, measured 90.0 %"]
+
+
+# --- token mode against embedding mode (docs/threat-model.md, "Token mode") -------------------------
+
+
+@pytest.mark.slow
+def test_embedding_mode_already_gives_p2_the_token_mode_ids_of_a_tied_model():
+    """SmolLM2 ties its head to its word table: in embedding mode every row P2 receives is a row
+    of P2's own sealed head, so P2 reads off exactly the ids token mode would send it."""
+    from transformers import AutoTokenizer
+
+    from stip.attacks import tokens
+    from stip.models import chat
+    from stip.seal import seal
+
+    src = chat.path()
+    sealed = seal(load_source(src), inplace=True)  # embedding mode
+    ids = AutoTokenizer.from_pretrained(src)(scenario.TEXTS[1], return_tensors="pt")["input_ids"]
+    rows = sealed.client.permuted_embeddings(ids)[0].numpy()
+    got = tokens.renamed_ids(rows, sealed.server.lm_head.weight.detach().numpy())
+    want = np.argsort(sealed.key.pi_c)[ids[0].numpy()]  # token mode's renaming: π_c⁻¹[t]
+    assert (got == want).mean() == 1.0  # measured: 100 % of the prompt's tokens
+
+
+def test_token_mode_hands_p2_a_public_position_table_and_with_it_pi():
+    """GPT-2 in token mode: P2 holds wpe[:, π]; with the public wpe that is a known-plaintext pair."""
+    import transformers as T
+
+    from stip.attacks import tokens
+    from stip.seal import seal
+
+    torch.manual_seed(0)
+    public = T.GPT2LMHeadModel(T.GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0)).eval()
+    sealed = seal(public, mode="tokens")
+    pi = tokens.pi_from_table(public.transformer.wpe.weight.detach().numpy(), sealed.server.transformer.wpe.weight.detach().numpy())
+    assert (pi == sealed.key.pi).mean() == 1.0  # measured: 100 % of π
+    assert (seal(public).server.transformer.wpe.weight == 0).all()  # embedding mode: P2's copy is zeros

@@ -305,6 +305,14 @@ def test_openapi_describes_binary_endpoints(minilm_server):
     assert "/v1/health" in spec["paths"] and "/v1/info" in spec["paths"]
 
 
+def test_wrong_method_is_405_with_allow(minilm_server):
+    """RFC 9110: a 405 names the methods the resource has (found by fuzzing with schemathesis)."""
+    for method, path, allowed in (("GET", "/v1/forward", "POST"), ("PUT", "/v1/health", "GET"), ("POST", "/v1/info", "GET")):
+        r = httpx.request(method, minilm_server.url + path, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert r.status_code == 405 and r.json()["error"]["status"] == 405
+        assert allowed in r.headers["allow"]
+
+
 # --- the command line ------------------------------------------------------------------------------
 
 

@@ -230,6 +230,7 @@ def proxy(
     model_name: Optional[str] = typer.Option(None, "--model-name", help="The model id applications ask for (default: derived from the sealing)."),
     upstream_model: Optional[str] = typer.Option(None, "--upstream-model", help="The engine's served model name (default: stip-<fingerprint>, as `stip` starts vLLM)."),
     timeout: float = typer.Option(300.0, help="Seconds to wait for the engine before answering 504."),
+    max_tokens_limit: Optional[int] = typer.Option(None, "--max-tokens-limit", min=1, help="Refuse requests for more new tokens than this (default: the model's context)."),
 ) -> None:
     """Run the user's side (P3) as a local OpenAI-compatible server.
 
@@ -244,7 +245,7 @@ def proxy(
         err.print(f"[yellow]warning:[/] binding {host}: whoever reaches the proxy sends prompts through your key")
     try:
         up = Upstream(upstream, token=_read_token(upstream_token_file), timeout=timeout, model=upstream_model)
-        api = create_app(client_dir, up, model_name=model_name)
+        api = create_app(client_dir, up, model_name=model_name, max_tokens_limit=max_tokens_limit)
     except (InvalidBundle, InvalidKey, OSError, ValueError) as e:
         fail(str(e))
     _listen(api, host, port, "proxy", f"model {api.state.model_name}, upstream {upstream}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import httpx
 import torch
@@ -226,8 +227,10 @@ class Client:
         top_p: float = 1.0,
         seed: int | None = None,
         stop_at_eos: bool = True,
+        on_token: Callable[[int], None] | None = None,
     ) -> Generation:
-        """Sample locally, one round trip per new token; the KV cache stays on the server."""
+        """Sample locally, one round trip per new token; the KV cache stays on the server.
+        ``on_token`` is called with each new token id as it arrives (streaming, timing)."""
         info = self.info()
         if not info["causal"]:
             raise ValueError(f"{info['architecture']} is not a causal language model")
@@ -262,6 +265,8 @@ class Client:
             while True:
                 token = self._local(pick, out["logits"])
                 new.append(token)
+                if on_token is not None:
+                    on_token(token)
                 if token in eos or len(new) == max_new_tokens:
                     break
                 out, _ = self._post(f"/v1/sessions/{sid}/step", {"embeddings": self._local(embed, [token], len(ids) + len(new) - 1)})

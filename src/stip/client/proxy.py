@@ -58,6 +58,7 @@ class _Sampling(BaseModel):
     presence_penalty: Literal[0, 0.0] | None = Field(None, description="Only 0 is supported.")
     ignore_eos: bool = Field(False, description="vLLM extension: keep generating past the end-of-text token.")
     min_tokens: int = Field(0, ge=0, description="vLLM extension: generate at least this many tokens.")
+    return_token_ids: bool = Field(False, description="vLLM extension: also return the generated token ids (real ids; they stay local).")
 
 
 class CompletionRequest(_Sampling):
@@ -96,8 +97,9 @@ class ProxyError(Exception):
         self.status, self.message, self.kind, self.param = status, message, kind, param
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
+def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None, headers=None) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 class ErrorDetail(BaseModel):
@@ -254,7 +256,11 @@ def _stops(stop: str | list[str] | None) -> list[str]:
 # --- the app -----------------------------------------------------------------------------------------
 
 
-def create_app(client_dir: str | Path, upstream: Upstream, *, model_name: str | None = None) -> FastAPI:
+def create_app(
+    client_dir: str | Path, upstream: Upstream, *, model_name: str | None = None, max_tokens_limit: int | None = None
+) -> FastAPI:
+    """The proxy for one token-mode client folder. ``max_tokens_limit`` caps what a request
+    may ask for (default: the model's context)."""
     from transformers import AutoTokenizer
 
     bundle = ClientBundle.load(client_dir)
@@ -289,7 +295,7 @@ def create_app(client_dir: str | Path, upstream: Upstream, *, model_name: str | 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _error(exc.status_code, str(exc.detail), kind)
+        return _error(exc.status_code, str(exc.detail), kind, headers=exc.headers)  # keeps 405's Allow
 
     @app.exception_handler(Exception)
     async def _internal(_, exc: Exception):  # a bug, never a reaction to input
@@ -331,9 +337,11 @@ def create_app(client_dir: str | Path, upstream: Upstream, *, model_name: str | 
         if room is not None and room < 1:
             raise ProxyError(400, f"the prompt has {len(ids)} tokens; the model takes at most {max_positions}", param="prompt")
         if max_tokens is None:
-            max_tokens = room or 256
+            max_tokens = min(x for x in (room, max_tokens_limit, 4096) if x)
         elif room is not None and max_tokens > room:
             raise ProxyError(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's {max_positions}", param="max_tokens")
+        if max_tokens_limit and max_tokens > max_tokens_limit:
+            raise ProxyError(400, f"max_tokens ({max_tokens}) exceeds this proxy's limit of {max_tokens_limit}", param="max_tokens")
         if req.min_tokens > max_tokens:
             raise ProxyError(400, "min_tokens exceeds max_tokens", param="min_tokens")
         body = {
@@ -352,28 +360,27 @@ def create_app(client_dir: str | Path, upstream: Upstream, *, model_name: str | 
             body["seed"] = req.seed
         return body
 
-    async def run(req: _Sampling, ids: list[int], max_tokens: int | None) -> AsyncIterator[tuple[str, str | None, int]]:
-        """(text delta, finish reason or None, completion tokens so far) as the engine goes."""
+    async def run(req: _Sampling, ids: list[int], max_tokens: int | None) -> AsyncIterator[tuple[str, str | None, list[int]]]:
+        """(text delta, finish reason or None, the new real ids) as the engine goes."""
         body = upstream_body(req, ids, max_tokens)
         body["model"] = await upstream.served_model(bundle.fingerprint)
         detok = Detokenizer(tokenizer, _stops(req.stop))
-        n, finish = 0, None
+        finish = None
         gen = upstream.generate(body)
         try:
             async for new, reason in gen:
                 real = bundle.restore_ids(new)
-                n += len(real)
                 delta = detok.add(real)
                 if detok.stopped:
                     finish = "stop"
-                    yield delta, None, n
+                    yield delta, None, real
                     break
                 finish = reason or finish
-                if delta:
-                    yield delta, None, n
+                if delta or real:
+                    yield delta, None, real
         finally:
             await gen.aclose()  # closes the upstream stream: the engine aborts the request
-        yield detok.finish(), finish or "length", n
+        yield detok.finish(), finish or "length", []
 
     def usage(prompt: int, completion: int) -> dict:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
@@ -401,6 +408,16 @@ def create_app(client_dir: str | Path, upstream: Upstream, *, model_name: str | 
 
         return rest()
 
+    async def collect(parts) -> tuple[str, str | None, list[int]]:
+        text, finish, got = [], None, []
+        async for delta, finish, new in parts:
+            text.append(delta)
+            got += new
+        return "".join(text), finish, got
+
+    def with_ids(choice: dict, new: list[int], req: _Sampling) -> dict:
+        return {**choice, "token_ids": new} if req.return_token_ids else choice
+
     @app.get("/v1/models")
     async def models() -> dict:
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "stip"}]}
@@ -416,20 +433,20 @@ def create_app(client_dir: str | Path, upstream: Upstream, *, model_name: str | 
 
             async def chunks():
                 n = 0
-                async for delta, finish, n in parts:
-                    if delta or finish:
+                async for delta, finish, new in parts:
+                    n += len(new)
+                    if delta or finish or (new and req.return_token_ids):
+                        choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}
                         yield {"id": rid, "object": "text_completion", "created": t, "model": name,
-                               "choices": [{"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}]}  # fmt: skip
+                               "choices": [with_ids(choice, new, req)]}  # fmt: skip
                 if include_usage:
                     yield {"id": rid, "object": "text_completion", "created": t, "model": name, "choices": [], "usage": usage(len(ids), n)}
 
             return sse(chunks())
-        text, finish, n = [], None, 0
-        async for delta, finish, n in parts:
-            text.append(delta)
+        text, finish, got = await collect(parts)
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
         return {"id": rid, "object": "text_completion", "created": t, "model": name,
-                "choices": [{"index": 0, "text": "".join(text), "logprobs": None, "finish_reason": finish}],
-                "usage": usage(len(ids), n)}  # fmt: skip
+                "choices": [with_ids(choice, got, req)], "usage": usage(len(ids), len(got))}  # fmt: skip
 
     @app.post("/v1/chat/completions", responses=ERRORS)
     async def chat_completions(req: ChatRequest):
@@ -444,20 +461,19 @@ def create_app(client_dir: str | Path, upstream: Upstream, *, model_name: str | 
                 base = {"id": rid, "object": "chat.completion.chunk", "created": t, "model": name}
                 yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
                 n = 0
-                async for delta, finish, n in parts:
-                    if delta or finish:
-                        yield {**base, "choices": [{"index": 0, "delta": {"content": delta} if delta else {}, "finish_reason": finish}]}
+                async for delta, finish, new in parts:
+                    n += len(new)
+                    if delta or finish or (new and req.return_token_ids):
+                        choice = {"index": 0, "delta": {"content": delta} if delta else {}, "finish_reason": finish}
+                        yield {**base, "choices": [with_ids(choice, new, req)]}
                 if include_usage:
                     yield {**base, "choices": [], "usage": usage(len(ids), n)}
 
             return sse(chunks())
-        text, finish, n = [], None, 0
-        async for delta, finish, n in parts:
-            text.append(delta)
-        message = {"role": "assistant", "content": "".join(text)}
+        text, finish, got = await collect(parts)
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
         return {"id": rid, "object": "chat.completion", "created": t, "model": name,
-                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
-                "usage": usage(len(ids), n)}  # fmt: skip
+                "choices": [with_ids(choice, got, req)], "usage": usage(len(ids), len(got))}  # fmt: skip
 
     @app.on_event("shutdown")
     async def _close():

@@ -148,14 +148,20 @@ def _seal_tokens(fam: ModuleType, server, key: Key, tied: bool) -> None:
         head.weight = emb.weight
         server.config.tie_word_embeddings = True
     rename = keys_.invert(key.pi_c)
+
+    def renamed(name: str, t: int) -> int:
+        if not 0 <= t < len(rename):
+            raise UnsupportedModel(f"{name}={t} lies outside the vocabulary of {len(rename)}: fix the model's config")
+        return int(rename[t])
+
     configs = [server.config] + ([server.generation_config] if getattr(server, "generation_config", None) else [])
     for cfg in configs:
         for name in SPECIAL_IDS:
             value = getattr(cfg, name, None)
             if isinstance(value, int):
-                setattr(cfg, name, int(rename[value]))
+                setattr(cfg, name, renamed(name, value))
             elif isinstance(value, list):
-                setattr(cfg, name, [int(rename[v]) for v in value])
+                setattr(cfg, name, [renamed(name, v) for v in value])
 
 
 SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")

@@ -55,8 +55,8 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else headers
     return JSONResponse({"error": {"status": status, "message": message}}, status_code=status, headers=headers)
 
 
@@ -124,7 +124,7 @@ def create_app(server_dir: str | Path, token: str | None = None, limits: Limits 
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_, exc: StarletteHTTPException):
-        return _error(exc.status_code, str(exc.detail))
+        return _error(exc.status_code, str(exc.detail), exc.headers)  # 405 keeps its Allow header (RFC 9110)
 
     @app.exception_handler(Exception)
     async def _internal(_, exc: Exception):  # a bug, never a reaction to input

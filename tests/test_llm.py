@@ -1,0 +1,305 @@
+"""STIP for LLM services: the real SmolLM2-135M-Instruct, sealed in token mode, served by an
+unmodified vLLM (a subprocess from .venv-vllm), queried through `stip proxy` by the official
+openai client. Two engines run side by side: the sealed checkpoint and the unsealed one.
+
+vLLM runs with --enforce-eager here: the same engine without its torch.compile warm-up, which
+costs ~2.5 min per start on 2 cores (the benchmark uses vLLM's defaults)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+
+from stip.models import chat
+from stip.seal import CLIENT, SERVER, seal_folder
+from stip.serve.process import ServerProcess
+from stip.serve.vllm import EngineUnavailable, VLLMProcess, python
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how photosynthesis works, step by step.",
+    "List ten ideas for a rainy afternoon with children, and explain each one.",
+    "What are the pros and cons of electric cars? Give a detailed answer.",
+    "Describe the water cycle to a ten-year-old.",
+]
+NEW_TOKENS = 64
+NEAR_TIE = 1e-3  # a divergence is acceptable only where the reference's top-2 logits are this close
+EAGER = ("--enforce-eager",)
+
+
+@pytest.fixture(scope="module")
+def engine_python():
+    try:
+        return python()
+    except EngineUnavailable as e:
+        pytest.fail(f"{e} — make test creates it")  # never skipped: make test installs vLLM
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return chat.path()
+
+
+@pytest.fixture(scope="module")
+def sealed_dir(smollm2, tmp_path_factory):
+    out = tmp_path_factory.mktemp("smollm2-tokens")
+    seal_folder(smollm2, out, mode="tokens")
+    return out
+
+
+@pytest.fixture(scope="module")
+def engines(engine_python, smollm2, sealed_dir):
+    """The sealed and the unsealed checkpoint, each on its own vLLM, started together. The
+    unsealed one is served under a stip- name that is not this sealing's, which the proxy must
+    refuse."""
+    with ThreadPoolExecutor(2) as pool:
+        sealed = pool.submit(VLLMProcess, sealed_dir / SERVER, args=EAGER)
+        plain = pool.submit(VLLMProcess, smollm2, name="stip-unsealed", args=EAGER)
+        engines = (sealed.result(), plain.result())
+    try:
+        yield engines
+    finally:
+        for e in engines:
+            e.stop()
+
+
+@pytest.fixture(scope="module")
+def proxy(engines, sealed_dir):
+    with ServerProcess(sealed_dir / CLIENT, "--upstream", engines[0].url, command="proxy", timeout=180) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def client(proxy):
+    return openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def model_id(client):
+    return client.models.list().data[0].id
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2, local_files_only=True)
+
+
+def _chat_ids(tokenizer, prompt: str) -> list[int]:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+@torch.no_grad()
+def _hf_greedy(model, ids: list[int], n: int) -> tuple[list[int], list[float]]:
+    """Plaintext transformers greedy decoding past EOS (as vLLM's ignore_eos), with the top-2
+    logit gap at every step."""
+    out, gaps, past = [], [], None
+    x = torch.tensor([ids])
+    for _ in range(n):
+        r = model(input_ids=x, past_key_values=past, use_cache=True)
+        logits, past = r.logits[0, -1], r.past_key_values
+        top = logits.topk(2).values
+        gaps.append(float(top[0] - top[1]))
+        nxt = int(logits.argmax())
+        out.append(nxt)
+        x = torch.tensor([[nxt]])
+    return out, gaps
+
+
+@torch.no_grad()
+def _gap_after(model, ids: list[int]) -> float:
+    top = model(input_ids=torch.tensor([ids])).logits[0, -1].topk(2).values
+    return float(top[0] - top[1])
+
+
+def _first_divergence(a: list[int], b: list[int]) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+
+
+def test_greedy_sealed_equals_unsealed_and_plaintext(client, model_id, engines, smollm2, tokenizer):
+    """Through proxy → vLLM, the sealed model gives the unsealed model's tokens on the same vLLM,
+    and plaintext transformers' tokens, for 64 new tokens on 5 chat prompts. A divergence is
+    accepted only at a near-tie of the reference (top-2 logit gap ≤ 1e-3), and each is reported."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2, local_files_only=True).eval()
+    plain_engine = engines[1]
+    divergences = []
+    for prompt in PROMPTS:
+        r = client.chat.completions.create(
+            model=model_id, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=NEW_TOKENS,
+            extra_body={"ignore_eos": True, "return_token_ids": True},
+        )
+        sealed = r.choices[0].token_ids
+        assert len(sealed) == NEW_TOKENS and r.usage.completion_tokens == NEW_TOKENS
+        ids = _chat_ids(tokenizer, prompt)
+        direct = httpx.post(f"{plain_engine.url}/v1/completions", timeout=300, json={
+            "model": plain_engine.name, "prompt": ids, "max_tokens": NEW_TOKENS, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True}).json()["choices"][0]["token_ids"]  # fmt: skip
+        hf, gaps = _hf_greedy(model, ids, NEW_TOKENS)
+        for ref_name, ref in (("unsealed vLLM", direct), ("transformers", hf)):
+            i = _first_divergence(sealed, ref)
+            if i is None:
+                continue
+            # the reference's own gap at the step where it and the sealed run part ways
+            gap = gaps[i] if ref is hf else _gap_after(model, ids + ref[:i])
+            divergences.append(f"{prompt[:30]!r} vs {ref_name}: step {i}, reference top-2 gap {gap:.2e}")
+            assert gap <= NEAR_TIE, f"sealed output diverges from {ref_name} at step {i} with a top-2 gap of {gap:.2e}"
+        assert r.choices[0].message.content == tokenizer.decode(sealed, skip_special_tokens=True)
+    for d in divergences:
+        warnings.warn(f"near-tie divergence: {d}")
+
+
+def test_answer_to_the_capital_question(client, model_id):
+    r = client.chat.completions.create(
+        model=model_id, messages=[{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+        temperature=0, max_tokens=32,
+    )
+    assert r.choices[0].message.content == "The capital of France is Paris."
+    assert r.choices[0].finish_reason == "stop"  # stopped on the sealed end-of-turn id
+
+
+def test_streaming_equals_non_streaming(client, model_id):
+    messages = [{"role": "user", "content": "Name three rivers in Europe."}]
+    whole = client.chat.completions.create(model=model_id, messages=messages, temperature=0, max_tokens=40)
+    parts, usage = [], None
+    for chunk in client.chat.completions.create(
+        model=model_id, messages=messages, temperature=0, max_tokens=40, stream=True, stream_options={"include_usage": True}
+    ):
+        if chunk.choices and chunk.choices[0].delta.content:
+            parts.append(chunk.choices[0].delta.content)
+        usage = chunk.usage or usage
+    assert "".join(parts) == whole.choices[0].message.content
+    assert usage.completion_tokens == whole.usage.completion_tokens
+
+    text = client.completions.create(model=model_id, prompt="The three primary colors are", max_tokens=24, temperature=0)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=model_id, prompt="The three primary colors are", max_tokens=24, temperature=0, stream=True) if c.choices)  # fmt: skip
+    assert streamed == text.choices[0].text and text.usage.completion_tokens == 24
+
+
+def test_sampling_options_and_stop(client, model_id):
+    kw = dict(model=model_id, messages=[{"role": "user", "content": "Write a poem about autumn."}], max_tokens=24)
+    a = client.chat.completions.create(temperature=0.9, top_p=0.9, seed=7, **kw).choices[0].message.content
+    b = client.chat.completions.create(temperature=0.9, top_p=0.9, seed=7, **kw).choices[0].message.content
+    assert a == b  # the engine's seeded sampler, on permuted logits
+    r = client.completions.create(model=model_id, prompt="One, two, three, four,", max_tokens=30, temperature=0, stop=[" six", "seven"])
+    assert r.choices[0].finish_reason == "stop" and "six" not in r.choices[0].text and r.choices[0].text
+    ids = client.completions.create(model=model_id, prompt=[1, 504, 3575], max_tokens=3, temperature=0)  # token-id prompt
+    assert ids.usage.prompt_tokens == 3 and ids.usage.completion_tokens == 3
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": 3}, 400, "temperature"),
+    ({"messages": []}, 400, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, None),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"prompt": [1, 49152]}, 400, "prompt"),
+    ({"prompt": ""}, 400, "prompt"),
+])  # fmt: skip
+def test_bad_requests_get_openai_errors(proxy, model_id, body, status, param):
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    r = httpx.post(proxy.url + path, json={"model": model_id, **body}, timeout=60)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"] and (param is None or err["param"] == param)
+    assert httpx.post(proxy.url + path, content=b"{not json", headers={"Content-Type": "application/json"}).status_code == 400
+
+
+def test_openai_client_sees_the_errors(client, model_id):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "hi"}], temperature=-1)
+
+
+def test_proxy_refuses_an_engine_serving_another_sealing(engines, sealed_dir):
+    with ServerProcess(sealed_dir / CLIENT, "--upstream", engines[1].url, command="proxy") as p:
+        r = httpx.post(p.url + "/v1/completions", json={"model": _name(p), "prompt": "hi", "max_tokens": 2}, timeout=60)
+    assert r.status_code == 502 and "not this client's sealing" in r.json()["error"]["message"]
+
+
+def _name(p) -> str:
+    return httpx.get(p.url + "/v1/models").json()["data"][0]["id"]
+
+
+def test_upstream_down_is_502_and_silent_upstream_is_504(sealed_dir):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    with ServerProcess(sealed_dir / CLIENT, "--upstream", f"http://127.0.0.1:{dead}", command="proxy") as p:
+        r = httpx.post(p.url + "/v1/chat/completions", json={"model": _name(p), "messages": [{"role": "user", "content": "hi"}]}, timeout=30)
+        assert r.status_code == 502 and "unreachable" in r.json()["error"]["message"]
+        r = httpx.post(p.url + "/v1/chat/completions", json={"model": _name(p), "stream": True, "messages": [{"role": "user", "content": "hi"}]}, timeout=30)
+        assert r.status_code == 502  # refused before the stream starts, not inside a 200
+
+    silent = socket.socket()  # accepts connections, never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    held = []
+    stop = threading.Event()
+
+    def hold():
+        silent.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(silent.accept()[0])
+            except OSError:
+                pass
+
+    t = threading.Thread(target=hold, daemon=True)
+    t.start()
+    try:
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with ServerProcess(sealed_dir / CLIENT, "--upstream", url, "--timeout", "2", "--upstream-model", "x", command="proxy") as p:
+            r = httpx.post(p.url + "/v1/completions", json={"model": _name(p), "prompt": "hi"}, timeout=30)
+            assert r.status_code == 504 and "timed out" in r.json()["error"]["message"]
+    finally:
+        stop.set()
+        t.join()
+        for c in held:
+            c.close()
+        silent.close()
+
+
+def test_fuzzed_proxy_never_answers_5xx(engines, sealed_dir):
+    """schemathesis generates ≥ 1,000 requests from the proxy's own OpenAPI spec, against the
+    real sealed engine; not one may get a 5xx. New tokens are capped at 2 so that the cases
+    that pass validation stay quick."""
+    import schemathesis
+
+    counts: dict[int, int] = {}
+    with ServerProcess(sealed_dir / CLIENT, "--upstream", engines[0].url, "--max-tokens-limit", "2", command="proxy") as p:
+        schema = schemathesis.openapi.from_url(f"{p.url}/openapi.json")
+        model = _name(p)
+
+        @settings(max_examples=1100, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck), database=None)
+        @given(case=schema.as_strategy())
+        def fuzz(case):
+            if isinstance(case.body, dict) and "model" in case.body and counts.get("all", 0) % 2 == 0:
+                case.body["model"] = model  # half the cases reach the engine, not just the 404
+            r = case.call(timeout=120)
+            counts[r.status_code] = counts.get(r.status_code, 0) + 1
+            counts["all"] = counts.get("all", 0) + 1
+            assert r.status_code < 500, f"{case.method} {case.path} {case.body!r} → {r.status_code} {r.text[:300]}"
+
+        fuzz()
+    total = counts.pop("all")
+    warnings.warn(f"schemathesis: {total} requests, statuses {dict(sorted(counts.items()))}")
+    assert total >= 1000
+    assert counts.get(200, 0) >= 50  # the fuzz reached the engine, not only the validators
