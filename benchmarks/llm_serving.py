@@ -5,7 +5,7 @@
 
 Two vLLM engines (vLLM's default settings: compiled, 1 GiB KV cache) serve the token-mode
 sealed checkpoint and the unsealed one; loads alternate between them, round by round, so
-both see the same machine state. Each load is N concurrent streams of 128 new tokens
+both see the same machine state, with a pause before each so that the other engine is idle. Each load is N concurrent streams of 128 new tokens
 (ignore_eos, greedy), one chat prompt per stream. Measured per load: aggregate tok/s, time to
 first token (TTFT) and inter-token latency (ITL), p50 and p95, from the client's side:
   direct   raw /v1/completions SSE with token-id prompts (the engine's own cost)
@@ -38,6 +38,11 @@ PROMPTS = [
     "What is machine learning?", "Describe a walk in a forest.", "How does a bicycle stay upright?",
     "Write a letter to a friend.", "What makes a good teacher?", "Summarise the plot of Hamlet.",
 ]  # fmt: skip
+
+
+# A vLLM CPU worker keeps polling its core for 1–3 s after a load (measured here); the two
+# engines share the machine, so each load waits for the other engine to go idle.
+SETTLE_S = 5.0
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -114,11 +119,13 @@ def main() -> int:
     ap.add_argument("--streams", default="1,16", help="concurrent streams per load, comma-separated")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/llm_serving"))
     ap.add_argument("--skip-stip-serve", action="store_true", help="leave out the stip serve path")
+    ap.add_argument("--eager", action="store_true", help="vLLM --enforce-eager (starts in ~1 min instead of ~3; slower decoding)")
     args = ap.parse_args()
     levels = [int(x) for x in args.streams.split(",")]
 
     from transformers import AutoTokenizer
 
+    from stip.client.bundle import ClientBundle
     from stip.models import chat
     from stip.seal import CLIENT, SERVER, seal_folder
     from stip.serve.process import ServerProcess
@@ -129,6 +136,7 @@ def main() -> int:
     tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
     ids = [list(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)["input_ids"]) for p in PROMPTS]
     results: dict = {"model": chat.NAME, "tokens_per_stream": args.tokens, "rounds": args.rounds, "loads": {},
+                     "vllm": "--enforce-eager" if args.eager else "defaults (torch.compile)",
                      "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
                      "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="stip-llm-bench-") as tmp:
@@ -137,20 +145,23 @@ def main() -> int:
         say(f"sealed (token mode), fingerprint {sealed.key.fingerprint[:16]}…; starting two vLLM engines (compiling, minutes) …")
         t0 = time.perf_counter()
         with ThreadPoolExecutor(2) as pool:
-            fs = pool.submit(VLLMProcess, tmp / "tokens" / SERVER), pool.submit(VLLMProcess, src, name="unsealed")
+            extra = ("--enforce-eager",) if args.eager else ()
+            fs = pool.submit(VLLMProcess, tmp / "tokens" / SERVER, args=extra), pool.submit(VLLMProcess, src, name="unsealed", args=extra)
             engines = {"sealed": fs[0].result(), "unsealed": fs[1].result()}
         results["engine_start_s"] = {k: e.ready_seconds for k, e in engines.items()}
         say(f"engines ready in {time.perf_counter() - t0:.0f} s")
+        bundle = ClientBundle.load(tmp / "tokens" / CLIENT)
+        sent = {"sealed": [bundle.rename_ids(p) for p in ids], "unsealed": ids}  # what each engine is sent
         try:
             for name, e in engines.items():  # warm-up
-                direct(e, ids[:2], 8)
+                direct(e, sent[name][:2], 8)
             rows: dict = {}
             for n in levels:
-                prompts = [ids[i % len(ids)] for i in range(n)]
                 for r in range(args.rounds):
                     order = ("sealed", "unsealed") if r % 2 == 0 else ("unsealed", "sealed")
                     for name in order:
-                        m = direct(engines[name], prompts, args.tokens)
+                        time.sleep(SETTLE_S)
+                        m = direct(engines[name], [sent[name][i % len(ids)] for i in range(n)], args.tokens)
                         rows.setdefault((name, "direct", n), []).append(m)
                         say(f"{n:>2} streams, round {r + 1}, {name:<8} direct: {m['tok_s']:.1f} tok/s, TTFT p50 {m['ttft_p50_ms']:.0f} ms, ITL p50 {m['itl_p50_ms']:.1f} ms")
             with ServerProcess(tmp / "tokens" / CLIENT, "--upstream", engines["sealed"].url, command="proxy", timeout=180) as proxy:
@@ -195,7 +206,7 @@ def main() -> int:
 
 def report(r: dict) -> str:
     lines = [f"`python benchmarks/llm_serving.py` — {r['model']}, {r['tokens_per_stream']} new tokens per stream, "
-             f"greedy, {r['rounds']} alternating rounds (median round shown); {r['machine']}, {r['date']}.", "",
+             f"greedy, {r['rounds']} alternating rounds (median round shown); vLLM {r['vllm']}; {r['machine']}, {r['date']}.", "",
              "| model | path | streams | aggregate tok/s | TTFT p50 | TTFT p95 | ITL p50 | ITL p95 |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for key, m in r["loads"].items():
         name, path, n = key.rsplit(" ", 2)[0].split(" ", 1)[0], key.split(" ", 1)[1].rsplit(" ", 1)[0], key.rsplit(" ", 1)[1]

@@ -91,8 +91,10 @@ def test_token_mode_retied_head_and_renamed_special_ids():
     s = dict(heads=2, kv_heads=1, head_dim=4, layers=1, ffn=8, vocab=40, batch=1, seq=3, lengths=[3], seed=3)
     case = harness.llama_case(s, "llama", tie=True)
     case.model.config.eos_token_id, case.model.generation_config.eos_token_id = 7, [7, 9]
+    case.model.config._model_name_or_path = "SmolLM2 135M"  # what a GGUF names its model
     sealed = seal(case.model, mode="tokens")
     server = sealed.server
+    assert "_model_name_or_path" not in server.config.to_dict()
     assert server.lm_head.weight is server.get_input_embeddings().weight and server.config.tie_word_embeddings
     assert sealed.client.restore_ids([server.config.eos_token_id]) == [7]
     assert sealed.client.restore_ids(server.generation_config.eos_token_id) == [7, 9]

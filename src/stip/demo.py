@@ -67,9 +67,10 @@ def chat_step(out, err) -> int:
         violations = audit.audit(tmp)
         out.print("    audit " + ("[green]passed[/]" if not violations else f"[red]failed: {violations}[/]"))
         del sealed
-        out.print("[bold]P2[/] starts vLLM on server/ (an ordinary checkpoint; the first start compiles, ~2–4 min) …")
+        out.print("[bold]P2[/] starts vLLM on server/, an ordinary checkpoint (about a minute) …")
         t0 = time.perf_counter()
-        with vllm.VLLMProcess(tmp / seal.SERVER) as engine:
+        # Eager mode skips torch.compile's warm-up (~2.5 min on 2 cores) for this one question.
+        with vllm.VLLMProcess(tmp / seal.SERVER, args=("--enforce-eager",)) as engine:
             out.print(f"    {engine.url} ready in {time.perf_counter() - t0:.0f} s")
             with ServerProcess(tmp / seal.CLIENT, "--upstream", engine.url, command="proxy") as proxy:
                 out.print(f"[bold]P3[/] runs [italic]stip proxy client/[/] at {proxy.url}; the openai client asks: {CHAT_QUESTION!r}")

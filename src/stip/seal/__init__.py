@@ -170,6 +170,7 @@ SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_to
 def _server_config(config, key: Key, client_side: dict[str, str], mode: str = EMBEDDINGS) -> None:
     """Strip from P2's config what identifies the user-facing model beyond its shapes."""
     config._name_or_path = ""
+    config.__dict__.pop("_model_name_or_path", None)  # a GGUF's own name for the model
     n = getattr(config, "num_labels", None)
     if getattr(config, "id2label", None) and n:
         # Label names stay with P3 (and P2's outputs are in π_c order anyway).
