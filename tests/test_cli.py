@@ -42,7 +42,7 @@ def test_seal_default_then_audit(tmp_path, minilm_path):
 def test_help_explains_every_command():
     r = runner.invoke(app, ["--help"])
     assert r.exit_code == 0
-    for cmd in ("seal", "audit", "demo"):
+    for cmd in ("seal", "audit", "serve", "proxy", "demo"):
         assert cmd in r.output
     r = runner.invoke(app, ["seal", "--help"])
     assert r.exit_code == 0 and "--default" in r.output and "fingerprint" in r.output.lower()
@@ -83,3 +83,18 @@ def test_seal_refuses_to_overwrite(tmp_path):
 def test_audit_of_a_missing_folder(tmp_path):
     r = runner.invoke(app, ["audit", str(tmp_path / "nope")])
     assert r.exit_code == 1 and "is not a folder" in r.output
+
+
+def test_chat_model_by_name_seals_in_token_mode_and_benches(tmp_path):
+    """`smollm2` names the embedded chat model wherever a model folder is taken."""
+    import json
+
+    r = stip("seal", "--chat", tmp_path / "tok")
+    assert r.returncode == 0 and "tokens mode" in r.stdout, r.stderr
+    assert json.loads((tmp_path / "tok" / "client" / "manifest.json").read_text())["mode"] == "tokens"
+    r = stip("seal", "smollm2", tmp_path / "tok", "--mode", "tokens")
+    assert r.returncode == 1 and "not empty" in r.stderr
+    r = stip("bench", "--model", "smollm2", "--modes", "plain,stip", "--repeats", "1", "--tokens", "8", "--out", tmp_path / "b", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = {row["mode"]: row for row in json.loads(r.stdout)["rows"]}
+    assert rows["stip"]["top1_agreement"] == 1.0 and rows["stip"]["max_abs_error"] < 1e-3  # causal LM: logits compared

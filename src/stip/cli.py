@@ -31,7 +31,7 @@ def fail(message: str, code: int = 1) -> None:
 
 @app.command()
 def seal(
-    src: Optional[Path] = typer.Argument(None, help="Local Hugging Face model folder (config.json + weights)."),
+    src: Optional[Path] = typer.Argument(None, help="Local Hugging Face model folder (config.json + weights), or minilm / smollm2."),
     out_dir: Optional[Path] = typer.Argument(None, metavar="OUT", help="Folder to write server/, client/ and provider/ into."),
     default: Optional[Path] = typer.Option(None, "--default", metavar="OUT", help="Seal the embedded default model (all-MiniLM-L6-v2) into OUT."),
     chat: Optional[Path] = typer.Option(None, "--chat", metavar="OUT", help="Seal the embedded chat model (SmolLM2-135M-Instruct) into OUT; token mode unless --mode says otherwise."),
@@ -52,6 +52,7 @@ def seal(
 
     if mode is not None and mode not in MODES:
         fail(f"--mode is one of {', '.join(MODES)}, not {mode!r}")
+    src = _embedded(src)
     given = [x for x in (default, chat) if x is not None]
     if len(given) > 1 or (given and (src is not None or out_dir is not None)):
         fail("give one of SRC OUT, --default OUT or --chat OUT")
@@ -591,9 +592,24 @@ attack_app = typer.Typer(no_args_is_help=True, help="Attacks on a sealed model f
 app.add_typer(attack_app, name="attack")
 
 _SEALED = typer.Option(..., "--sealed", metavar="OUT", help="A folder written by `stip seal` (provider/ is read only to score).")
-_PUBLIC = typer.Option(..., "--public", metavar="SRC", help="The public model folder the attacker knows.")
+_PUBLIC = typer.Option(..., "--public", metavar="SRC", help="The public model folder the attacker knows (or minilm, smollm2: the embedded ones).")
 _TEXTS = typer.Option(None, "--text", help="A prompt the user sends (repeatable; default: four built-in sentences).")
 _JSON = typer.Option(False, "--json", help="Print one JSON object (recovery_rate, n, details).")
+
+
+EMBEDDED = ("minilm", "smollm2")
+
+
+def _embedded(path: Path | None) -> Path | None:
+    """`minilm` and `smollm2` name the embedded models wherever a model folder is taken."""
+    if path is None or str(path) not in EMBEDDED:
+        return path
+    from .models import chat, default
+
+    try:
+        return default.path() if str(path) == "minilm" else chat.path(step=lambda msg: err.print(msg))
+    except (RuntimeError, OSError) as e:
+        fail(str(e))
 
 
 def _attack(name: str, as_json: bool, **kwargs) -> None:
@@ -605,6 +621,8 @@ def _attack(name: str, as_json: bool, **kwargs) -> None:
         kwargs.pop("texts", None)
     else:
         kwargs["texts"] = tuple(kwargs["texts"])
+    if "public" in kwargs:
+        kwargs["public"] = _embedded(kwargs["public"])
     for arg in ("sealed", "public"):
         if arg in kwargs and not Path(kwargs[arg]).is_dir():
             fail(f"--{arg} {kwargs[arg]} is not a folder")
@@ -653,7 +671,7 @@ def attack_attention(sealed: Path = _SEALED, texts: Optional[list[str]] = _TEXTS
 
 @app.command()
 def bench(
-    model: Optional[Path] = typer.Option(None, "--model", metavar="SRC", help="Local HF model folder or a `stip train polyformer` folder (default: the embedded MiniLM)."),
+    model: Optional[Path] = typer.Option(None, "--model", metavar="SRC", help="Local HF model folder, a `stip train polyformer` folder, or minilm / smollm2 (the embedded models; default: minilm)."),
     tokens: int = typer.Option(32, "--tokens", min=1, help="Input length for text models (image models: fixed by the image size)."),
     modes: str = typer.Option(",".join(("plain", "stip", "mpc-semi2k", "mpc-cheetah", "he")), "--modes", help="Comma-separated: plain, stip, mpc-semi2k, mpc-cheetah, he."),
     network: str = typer.Option("none", "--network", help="none | lan | wan: add an estimated network time per mode."),
@@ -674,6 +692,7 @@ def bench(
 
     from .bench import Settings, report, run
 
+    model = _embedded(model)
     try:
         settings = Settings(model=model, out=out_dir, tokens=tokens, modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
                             network=network, full=full, repeats=repeats, batch=batch, mpc_layers=mpc_layers)

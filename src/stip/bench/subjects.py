@@ -62,7 +62,8 @@ class HFSubject:
             ids = torch.randint(low, c.vocab_size, (batch, tokens), generator=gen)
             self.inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         self.sealed = seal(self.model)
-        self.output_name = "logits" if hasattr(self.model, "classifier") else "last_hidden_state"
+        head = hasattr(self.model, "classifier") or getattr(self.model, "lm_head", None) is not None  # classifiers, causal LMs
+        self.output_name = "logits" if head else "last_hidden_state"
         self.tokens = tokens if not self.image else None
         self.batch = batch
 
@@ -103,7 +104,7 @@ class HFSubject:
         cfg, params = from_hf(self.model)
         if layers < cfg.layers:
             if self.output_name != "last_hidden_state":
-                raise Skip("a truncated MPC run compares hidden states; this model ends in a classifier (use --full)")
+                raise Skip("a truncated MPC run compares hidden states; this model ends in a classifier or LM head (use --full)")
             cfg, params = truncate(cfg, params, layers)
         inputs = {k: v for k, v in self.inputs.items() if k != "attention_mask"}
         return cfg, params, embed(self.model, **inputs)
