@@ -350,6 +350,15 @@ def test_serve_refuses_a_folder_that_is_not_sealed(minilm_path):
     assert r.returncode == 1 and "not a sealed stip checkpoint" in r.stderr
 
 
+def test_serve_refuses_a_token_mode_sealing(tmp_path_factory):
+    src = tmp_path_factory.mktemp("llama-src")
+    _llama().save_pretrained(src)
+    out = tmp_path_factory.mktemp("llama-tokens")
+    seal_folder(src, out, mode="tokens")
+    r = _cli("serve", out / "server", "--port", "0")
+    assert r.returncode == 1 and "vLLM" in r.stderr and "stip proxy" in r.stderr
+
+
 def test_oversized_body_without_content_length(minilm_server):
     """A chunked upload is cut off at the limit too."""
     def chunks():

@@ -23,6 +23,7 @@ import json
 import logging
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Literal, Union
@@ -38,6 +39,7 @@ from .bundle import TOKENS, ClientBundle
 
 log = logging.getLogger("stip.proxy")
 SERVED_PREFIX = "stip-"  # as stip.serve.vllm names a sealing (the core never imports serve)
+DEFAULT_MAX_TOKENS = 4096  # a chat request that names no max_tokens stops here at the latest
 
 
 # --- OpenAI request bodies ------------------------------------------------------------------------
@@ -97,9 +99,12 @@ class ProxyError(Exception):
         self.status, self.message, self.kind, self.param = status, message, kind, param
 
 
+def _error_body(message: str, kind: str = "invalid_request_error", param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
 def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None, headers=None) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(_error_body(message, kind, param), status_code=status, headers=headers)
 
 
 class ErrorDetail(BaseModel):
@@ -152,20 +157,26 @@ class Upstream:
                 self.model = names[0]  # named by its operator; the fingerprint cannot be checked
         return self.model
 
-    async def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
+    @contextmanager
+    def _transport(self):
+        """Transport failures as the statuses the client gets: 504 for a timeout, else 502."""
         try:
-            r = await self.http.request(method, path, **kwargs)
+            yield
         except httpx.TimeoutException:
             raise ProxyError(504, f"the upstream engine at {self.url} timed out", "upstream_timeout") from None
         except httpx.TransportError as e:
-            raise ProxyError(502, f"the upstream engine at {self.url} is unreachable ({type(e).__name__})", "upstream_error") from None
+            raise ProxyError(502, f"the upstream engine at {self.url} is unreachable or failed ({type(e).__name__})", "upstream_error") from None
+
+    async def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
+        with self._transport():
+            r = await self.http.request(method, path, **kwargs)
         _raise_upstream(r)
         return r
 
     async def generate(self, body: dict) -> AsyncIterator[tuple[list[int], str | None]]:
         """Stream (new ids, finish reason) from /v1/completions. Leaving the loop early closes
         the connection, which aborts the request in the engine."""
-        try:
+        with self._transport():
             async with self.http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
                 if r.status_code >= 400:
                     await r.aread()
@@ -181,10 +192,6 @@ class Upstream:
                         raise ProxyError(502, f"upstream error: {chunk['error'].get('message', chunk['error'])}", "upstream_error")
                     for choice in chunk.get("choices", []):
                         yield list(choice.get("token_ids") or []), choice.get("finish_reason")
-        except httpx.TimeoutException:
-            raise ProxyError(504, f"the upstream engine at {self.url} timed out", "upstream_timeout") from None
-        except httpx.TransportError as e:
-            raise ProxyError(502, f"the upstream engine at {self.url} failed mid-request ({type(e).__name__})", "upstream_error") from None
 
     async def close(self) -> None:
         await self.http.aclose()
@@ -238,10 +245,6 @@ class Detokenizer:
         out = self.text[self.sent : upto]
         self.sent = max(self.sent, upto)
         return out
-
-    @property
-    def final(self) -> str:
-        return self.text[: self.sent]
 
 
 def _stops(stop: str | list[str] | None) -> list[str]:
@@ -337,7 +340,7 @@ def create_app(
         if room is not None and room < 1:
             raise ProxyError(400, f"the prompt has {len(ids)} tokens; the model takes at most {max_positions}", param="prompt")
         if max_tokens is None:
-            max_tokens = min(x for x in (room, max_tokens_limit, 4096) if x)
+            max_tokens = min(x for x in (room, max_tokens_limit, DEFAULT_MAX_TOKENS) if x)
         elif room is not None and max_tokens > room:
             raise ProxyError(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's {max_positions}", param="max_tokens")
         if max_tokens_limit and max_tokens > max_tokens_limit:
@@ -391,7 +394,7 @@ def create_app(
                 async for c in chunks:
                     yield f"data: {json.dumps(c)}\n\n"
             except ProxyError as e:  # headers are sent: the error goes in the stream
-                yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.kind, 'param': e.param, 'code': None}})}\n\n"
+                yield f"data: {json.dumps(_error_body(e.message, e.kind, e.param))}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

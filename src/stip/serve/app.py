@@ -86,6 +86,8 @@ def _binary_response(description: str) -> dict:
 
 def create_app(server_dir: str | Path, token: str | None = None, limits: Limits = Limits()) -> FastAPI:
     model = engine.load(server_dir)
+    if getattr(model.config, engine.META).get("mode") == "tokens":
+        raise engine.NotSealed(f"{server_dir} is a token-mode sealing: serve it with vLLM and query it through `stip proxy` (docs/deploy.md)")
     info = engine.describe(model)
     dim, fixed, causal = info["input_dim"], info["fixed_tokens"], info["causal"]
     caps = [n for n in (limits.max_tokens, info["max_positions"]) if n]

@@ -98,9 +98,9 @@ class VLLMProcess:
         self._log = tempfile.NamedTemporaryFile(prefix="stip-vllm-", suffix=".log", delete=False)
         self.log_path = Path(self._log.name)
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        self.started = time.monotonic()
+        started = time.monotonic()
         self._wait_ready(timeout)
-        self.ready_seconds = time.monotonic() - self.started
+        self.ready_seconds = time.monotonic() - started
 
     def log_tail(self, n: int = 3000) -> str:
         try:
