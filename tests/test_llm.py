@@ -23,7 +23,7 @@ from stip.seal import CLIENT, SERVER, seal_folder
 from stip.serve.process import ServerProcess
 from stip.serve.vllm import EngineUnavailable, VLLMProcess, python
 
-pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+pytestmark = [pytest.mark.slow, pytest.mark.engine]
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
