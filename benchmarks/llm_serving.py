@@ -188,7 +188,7 @@ def main() -> int:
     # per load: the median round by aggregate tok/s; sealed/unsealed = median of per-round ratios
     for (name, path, n), ms in rows.items():
         best = sorted(ms, key=lambda m: m["tok_s"])[len(ms) // 2]
-        results["loads"][f"{name} {path} {n}"] = {**best, "rounds_tok_s": [m["tok_s"] for m in ms]}
+        results["loads"][f"{name} {path} {n}"] = {"model": name, "path": path, **best, "rounds_tok_s": [m["tok_s"] for m in ms]}
     ratios = {}
     for n in levels:
         pairs = zip(rows[("sealed", "direct", n)], rows[("unsealed", "direct", n)])
@@ -208,9 +208,8 @@ def report(r: dict) -> str:
     lines = [f"`python benchmarks/llm_serving.py` — {r['model']}, {r['tokens_per_stream']} new tokens per stream, "
              f"greedy, {r['rounds']} alternating rounds (median round shown); vLLM {r['vllm']}; {r['machine']}, {r['date']}.", "",
              "| model | path | streams | aggregate tok/s | TTFT p50 | TTFT p95 | ITL p50 | ITL p95 |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for key, m in r["loads"].items():
-        name, path, n = key.rsplit(" ", 2)[0].split(" ", 1)[0], key.split(" ", 1)[1].rsplit(" ", 1)[0], key.rsplit(" ", 1)[1]
-        lines.append(f"| {name} | {path} | {n} | {m['tok_s']:.1f} | {m['ttft_p50_ms']:.0f} ms | {m['ttft_p95_ms']:.0f} ms | "
+    for m in r["loads"].values():
+        lines.append(f"| {m['model']} | {m['path']} | {m['streams']} | {m['tok_s']:.1f} | {m['ttft_p50_ms']:.0f} ms | {m['ttft_p95_ms']:.0f} ms | "
                      f"{m['itl_p50_ms']:.1f} ms | {m['itl_p95_ms']:.1f} ms |")  # fmt: skip
     lines.append("")
     for n, x in r["sealed_over_unsealed_tok_s"].items():
