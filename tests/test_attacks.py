@@ -115,7 +115,7 @@ def test_attack_cli_prints_recovery_rate_and_n(minilm_sealed_dir):
     assert none.returncode == 1 and "no token repeats" in none.stderr
 
 
-QUICK = {"vocab.public", "weights.public", "weights.public.tokens", "known_plaintext.public", "known_plaintext.public.traffic",
+QUICK = {"llm.vocab.layers0", "llm.vocab.layers1", "vocab.public", "weights.public", "weights.public.tokens", "known_plaintext.public", "known_plaintext.public.traffic",
          "attention.public.auc", "attention.public.precision", "vocab.private_embeddings", "weights.private_embeddings",
          "weights.private_all", "per_user.other_user_traffic", "rekey.old_key_traffic", "rekey.vocab", "rekey.weights"}
 
@@ -173,3 +173,98 @@ def test_token_mode_hands_p2_a_public_position_table_and_with_it_pi():
     pi = tokens.pi_from_table(public.transformer.wpe.weight.detach().numpy(), sealed.server.transformer.wpe.weight.detach().numpy())
     assert (pi == sealed.key.pi).mean() == 1.0  # measured: 100 % of π
     assert (seal(public).server.transformer.wpe.weight == 0).all()  # embedding mode: P2's copy is zeros
+
+
+# --- a real chat model (docs/threat-model.md, "Measured attacks on a chat model") ------------------
+
+LLAMA = dict(seed=3, heads=4, head_dim=8, kv_heads=2, layers=2, ffn=48, vocab=97, batch=1, seq=4, lengths=[4])
+
+
+def test_hidden_states_after_k_layers_are_the_models_own():
+    """One walk for every family: the residual stream entering layer k, as HF reports it."""
+    from harness import bert_case, llama_case
+
+    bert = bert_case(dict(seed=1, heads=2, head_dim=8, layers=3, ffn=32, vocab=50, batch=2, seq=5, lengths=[5, 3]), "BertModel")
+    for case, depth in ((llama_case(LLAMA), 2), (bert, 3)):
+        ref = case.model.base_model(**case.inputs, output_hidden_states=True).hidden_states
+        for k in range(depth):  # the last entry is after the final norm (LLaMA), so stop before it
+            assert torch.allclose(hidden(case.model, k, **case.inputs), ref[k], atol=1e-6)
+    with pytest.raises(ValueError, match="k must be in 0..2"):
+        hidden(llama_case(LLAMA).model, 3, **llama_case(LLAMA).inputs)
+
+
+@pytest.mark.parametrize("mode", ["embeddings", "tokens"])
+def test_p2s_log_of_greedy_answers_is_the_plaintext_answer_renamed(mode):
+    """What the frequency attack reads: in both modes, P2 sees π_c⁻¹ of the plaintext greedy ids."""
+    from harness import llama_case
+
+    from stip.models.hf import greedy
+    from stip.seal import seal
+
+    case = llama_case({**LLAMA, "vocab": 61}, tie=True)
+    prompts = [[5, 9, 2], [7, 7, 7, 7, 1], [3]]
+    plain = greedy(case.model, prompts, 6, stop={4}, batch=2)
+    alone = [case.model.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False)[0, len(p):].tolist() for p in prompts]
+    assert [a[: len(b)] for a, b in zip(alone, plain)] == plain  # batching and padding change nothing
+    sealed = seal(case.model, mode=mode)
+    seen, real = scenario._log_requests(sealed.server, sealed.client, prompts, 6, stop=4)
+    assert real == plain
+    assert seen == [sealed.client.rename_ids(r) for r in plain]
+
+
+def test_frequency_analysis_reads_a_renamed_token_stream():
+    """Real text (CPython's docs, SmolLM2's tokenizer), renamed by a secret permutation: unigram
+    and bigram matching against other sentences recovers a large share of it; the same text with
+    a reference of shuffled tokens (no bigram structure) recovers far less."""
+    from transformers import AutoTokenizer
+
+    from stip.attacks import frequency
+    from stip.models import chat, text
+
+    tok = AutoTokenizer.from_pretrained(chat.path())
+    pool = [tok(s)["input_ids"] for s in text.sentences(seed=0)[:1100]]
+    observed_plain, reference = pool[:300], pool[300:]
+    perm = np.random.default_rng(5).permutation(len(tok))  # the renaming (a sealing's π_c)
+    observed = [[int(perm[t]) for t in s] for s in observed_plain]
+    mapping = frequency.solve(observed, reference)
+    assert len(set(mapping.values())) == len(mapping)  # one-to-one
+    rate = frequency.recovered(mapping, observed, observed_plain)
+    rng = np.random.default_rng(0)
+    flat = rng.permutation([t for s in reference for t in s]).tolist()
+    shuffled = [flat[i : i + 20] for i in range(0, len(flat), 20)]
+    unigram_only = frequency.recovered(frequency.solve(observed, shuffled), observed, observed_plain)
+    assert rate >= 0.35 and rate > unigram_only + 0.15, (rate, unigram_only)  # measured: 41 % and 17 %
+
+
+def test_the_user_span_of_a_chat_prompt_is_the_message():
+    from transformers import AutoTokenizer
+
+    from stip.models import chat
+
+    tok = AutoTokenizer.from_pretrained(chat.path())
+    message = "My daughter Emma has a peanut allergy."
+    ids, user = scenario.prompt_ids(tok, message)
+    assert tok.decode([t for t, u in zip(ids, user) if u]) == message
+    assert 0 < sum(user) < len(ids) and "<|im_start|>" in tok.decode([t for t, u in zip(ids, user) if not u])
+
+
+def test_weight_matching_recovers_every_layer_of_a_llama():
+    from harness import llama_case
+
+    from stip.attacks import weights
+    from stip.seal import seal
+
+    public = llama_case(LLAMA).model
+    sealed = seal(public)
+    m = weights.match(sealed.server.state_dict(), public.state_dict(), public.config.hidden_size)
+    assert (m.pi == sealed.key.pi).all()
+    assert all(m.unsealed.values()) and set(scenario._per_layer(m.unsealed)) == {0, 1}
+
+
+def test_attack_frequency_cli_refuses_bad_input(minilm_sealed_dir, minilm_path):
+    bad = subprocess.run(STIP + ["attack", "frequency", "--sealed", str(minilm_sealed_dir), "--public", str(minilm_path), "--requests", "ten"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "comma-separated integers" in bad.stderr
+    encoder = subprocess.run(STIP + ["attack", "frequency", "--sealed", str(minilm_sealed_dir), "--public", str(minilm_path), "--requests", "2"],
+                             capture_output=True, text=True, timeout=300)
+    assert encoder.returncode == 1 and "needs a causal language model" in encoder.stderr

@@ -1,7 +1,8 @@
-"""The figures of docs/threat-model.md: each one an attack run on a sealing of the embedded
-MiniLM or of a private variant of it, named by an id the document quotes.
+"""The figures of docs/threat-model.md: each one an attack run on a sealing of an embedded
+model (MiniLM; SmolLM2 for the ids starting ``llm.``) or of a private variant of it, named by
+an id the document quotes.
 
-    measure(tmp)                       every figure (5–8 minutes on 2 cores)
+    measure(tmp)                       every figure (about an hour on 2 cores)
     measure(tmp, only={"vocab.public"})
 """
 
@@ -14,27 +15,45 @@ from typing import Callable
 from . import scenario
 
 
-class Sealings:
-    """Sealed folders made on first use: the public MiniLM, its private variants, a second
-    user's sealing and a re-keyed one."""
+# Chat prompts for the LLM figures: written for them, in none of the attacks' built-in texts.
+CHAT_PROMPTS = (
+    "Can you draft a letter to my landlord, Mr. Patel, about the broken heating at 14 Elm Road?",
+    "My daughter Emma has a peanut allergy; what should I pack for her school lunch on Monday?",
+    "I owe 4,200 pounds on my Visa card and earn 1,900 a month. How fast can I pay it off?",
+)
+LLM_LAYERS = (0, 1, 2, 8, 29)
+FINETUNE_STEPS = 200
 
-    def __init__(self, tmp: Path, src: Path):
-        self.tmp, self.src, self._made = Path(tmp), Path(src), {}
+
+class Sealings:
+    """Sealed folders made on first use, named ``[smollm2/]variant``: the public model, its
+    private variants, a second user's sealing, a re-keyed one, and (SmolLM2) a token-mode one
+    and a fine-tuned one."""
+
+    def __init__(self, tmp: Path, sources: dict[str, Path]):
+        self.tmp, self.sources, self._made = Path(tmp), sources, {}
 
     def __getitem__(self, name: str) -> Path:
         if name not in self._made:
             from ..seal import rekey, seal_folder
 
-            out = self.tmp / name
-            if name in ("public", "user-b"):
-                seal_folder(self.src, out)
-            elif name == "rekeyed":
+            model, variant = name.split("/") if "/" in name else ("minilm", name)
+            src, out = self.sources[model](), self.tmp / name
+            if variant in ("public", "user-b"):
+                seal_folder(src, out)
+            elif variant == "tokens":
+                seal_folder(src, out, mode="tokens")
+            elif variant == "rekeyed":
                 rekey(self["public"], out)
-            else:  # "reinit-embeddings", "reinit-all", "drift<scale>"
-                kind, scale = ("drift", float(name[5:])) if name.startswith("drift") else (name, 1.0)
-                seal_folder(scenario.private_variant(self.src, self.tmp / f"model-{name}", kind, scale), out)
+            else:  # "reinit-embeddings", "reinit-all", "drift<scale>", "finetune"
+                kind, scale = ("drift", float(variant[5:])) if variant.startswith("drift") else (variant, 1.0)
+                seal_folder(scenario.private_variant(src, self.model(name), kind, scale, steps=FINETUNE_STEPS), out)
             self._made[name] = out
         return self._made[name]
+
+    def model(self, name: str) -> Path:
+        """Where a private variant's model folder (before sealing) is written."""
+        return self.tmp / "models" / name
 
 
 def _figures(layers=(1, 2)) -> list[tuple[str, str, Callable, str]]:
@@ -71,6 +90,38 @@ def _figures(layers=(1, 2)) -> list[tuple[str, str, Callable, str]]:
         ("rekey.vocab", "recovery_rate", lambda s, m: v(s["rekeyed"], m), "stip attack vocab --sealed REKEYED --public MINILM"),
         ("rekey.weights", "recovery_rate", lambda s, m: w(s["rekeyed"], m), "stip attack weights --sealed REKEYED --public MINILM"),
     ]
+    return out + _llm_figures()
+
+
+def _llm_figures() -> list[tuple[str, str, Callable, str]]:
+    """SmolLM2-135M-Instruct (public): the causal attack at every depth, weight matching and
+    drift, a real fine-tune, frequency analysis in both modes."""
+    v, w = scenario.vocab, scenario.weights
+    prompts = "--text PROMPT_1 --text PROMPT_2 --text PROMPT_3"
+    out = [(f"llm.vocab.layers{k}", "recovery_rate", lambda s, m, k=k: v(s["smollm2/public"], m, CHAT_PROMPTS, layers=k),
+            f"stip attack vocab --sealed LLM --public smollm2 --layers {k} {prompts}") for k in LLM_LAYERS]
+    out += [
+        ("llm.weights.public", "recovery_rate", lambda s, m: w(s["smollm2/public"], m), "stip attack weights --sealed LLM --public smollm2"),
+        ("llm.weights.public.tensors", "tensors_unsealed_rate", lambda s, m: w(s["smollm2/public"], m),
+         "stip attack weights --sealed LLM --public smollm2"),
+        ("llm.weights.public.tokens", "tokens_decrypted", lambda s, m: w(s["smollm2/public"], m), "stip attack weights --sealed LLM --public smollm2"),
+    ]
+    for scale in ("0.1", "0.3", "1.0"):
+        d = f"smollm2/drift{scale}"
+        out += [(f"llm.weights.drift{scale}", "recovery_rate", lambda s, m, d=d: w(s[d], m),
+                 f"stip attack weights --sealed LLM_DRIFT_{scale} --public smollm2"),
+                (f"llm.vocab.drift{scale}", "recovery_rate", lambda s, m, d=d: v(s[d], m, CHAT_PROMPTS),
+                 f"stip attack vocab --sealed LLM_DRIFT_{scale} --public smollm2 {prompts}")]
+    ft = "smollm2/finetune"
+    out += [
+        ("llm.finetune.drift", "drift", lambda s, m: scenario.drift(s.model(ft), m), "stip.attacks.scenario.drift(FINETUNED_MODEL, smollm2)"),
+        ("llm.weights.finetune", "recovery_rate", lambda s, m: w(s[ft], m), "stip attack weights --sealed LLM_FINETUNED --public smollm2"),
+        ("llm.vocab.finetune", "recovery_rate", lambda s, m: v(s[ft], m, CHAT_PROMPTS),
+         f"stip attack vocab --sealed LLM_FINETUNED --public smollm2 {prompts}"),
+    ]
+    for mode, sealing in (("tokens", "smollm2/tokens"), ("embeddings", "smollm2/public")):
+        out += [(f"llm.frequency.{mode}.requests{n}", f"requests{n}", lambda s, m, x=sealing: scenario.frequency(s[x], m),
+                 f"stip attack frequency --sealed {'LLM_TOKENS' if mode == 'tokens' else 'LLM'} --public smollm2") for n in (10, 100, 1000)]
     return out
 
 
@@ -80,16 +131,16 @@ IDS = tuple(f[0] for f in _figures())
 def measure(tmp: str | Path, only: set[str] | None = None, layers=(1, 2), log=lambda _fid, _fig: None) -> dict:
     """figure id → {value, n, seconds, command, result}. Runs each attack once even when
     several figures read it."""
-    from ..models.default import path as minilm
+    from ..models import chat, default
 
-    src = minilm()
-    sealings, cache, out = Sealings(Path(tmp), src), {}, {}
+    sources = {"minilm": default.path, "smollm2": chat.path}
+    sealings, cache, out = Sealings(Path(tmp), sources), {}, {}
     for fid, key, run, command in _figures(layers):
         if only is not None and fid not in only:
             continue
         t0 = time.perf_counter()
         if command not in cache:
-            cache[command] = run(sealings, src).to_json()
+            cache[command] = run(sealings, sources["smollm2" if fid.startswith("llm.") else "minilm"]()).to_json()
         r = cache[command]
         out[fid] = {"value": r[key], "n": r["n"], "seconds": round(time.perf_counter() - t0, 1), "command": command, "result": r}
         log(fid, out[fid])

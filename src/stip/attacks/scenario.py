@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ..models.hf import hidden
-from . import Result, attention as attention_, plaintext, vocab as vocab_, weights as weights_
+from ..models.hf import greedy, hidden
+from . import Result, attention as attention_, frequency as frequency_, plaintext, vocab as vocab_, weights as weights_
 
 TEXTS = (
     "The quick brown fox jumps over the lazy dog.",
@@ -41,9 +41,18 @@ def capture(sealed: str | Path, texts=TEXTS) -> Traffic:
 
     client = Path(sealed) / "client"
     bundle, tok = ClientBundle.load(client), AutoTokenizer.from_pretrained(client, local_files_only=True)
+    if bundle.mode == "tokens":
+        raise ValueError(f"{sealed} is a token-mode sealing: P2 receives renamed ids, not rows "
+                         "(attack them with `stip attack frequency`, or the hidden states with `stip attack vocab --layers K`)")
     enc = tok(list(texts), padding=True, return_tensors="pt")
     plain = bundle.embedder(enc["input_ids"])
     return Traffic(enc["input_ids"], enc["attention_mask"], plain, bundle.permuted_embeddings(enc["input_ids"]), tok)
+
+
+def _mode(sealed: Path) -> str:
+    from ..client.bundle import ClientBundle
+
+    return ClientBundle.load(Path(sealed) / "client").mode
 
 
 def _server(sealed: Path):
@@ -81,10 +90,14 @@ def _token_rate(found: torch.Tensor, t: Traffic) -> float:
     return float((found == t.ids)[keep].float().mean())
 
 
-def vocab(sealed: str | Path, public: str | Path, texts=TEXTS, layers: int = 0) -> Result:
-    """Tokens from what P2 sees: the input rows (layers=0), or its hidden states after k layers."""
-    sealed = Path(sealed)
-    t, pub = capture(sealed, texts), _public(public)
+def vocab(sealed: str | Path, public: str | Path, texts=TEXTS, layers: int = 0, proposals: int = 1024) -> Result:
+    """Tokens from what P2 sees: the input rows (layers=0), or its hidden states after k layers.
+    On a causal model, position by position over the whole vocabulary (``vocab.match_causal``;
+    ``proposals``: how many of the public model's likeliest next tokens are tried first)."""
+    sealed, pub = Path(sealed), _public(public)
+    if _causal(pub):
+        return _vocab_causal(sealed, pub, texts, layers, proposals)
+    t = capture(sealed, texts)
     if layers == 0:
         found = vocab_.match(t.sent, pub.get_input_embeddings().weight.detach(), offsets(pub, t.ids.shape[1]))
     else:
@@ -92,6 +105,60 @@ def vocab(sealed: str | Path, public: str | Path, texts=TEXTS, layers: int = 0) 
         found = vocab_.match_hidden(observed, t.mask, pub, layers)
     recovered = [t.tokenizer.decode(row[m.bool() & (row >= 0)], skip_special_tokens=True) for row, m in zip(found, t.mask)]
     return Result(_token_rate(found, t), int(t.mask.sum()), {"attack": "vocab", "layers": layers, "recovered": recovered})
+
+
+def _causal(model) -> bool:
+    return bool(getattr(model, "can_generate", lambda: False)()) and not model.config.is_encoder_decoder
+
+
+def prompt_ids(tokenizer, text: str) -> tuple[list[int], list[bool]]:
+    """The ids P3 sends for one user message (through the chat template when the tokenizer has
+    one, as `stip proxy` does), and which of them are the user's own text rather than template."""
+    if not getattr(tokenizer, "chat_template", None):
+        ids = tokenizer(text)["input_ids"]
+        return ids, [True] * len(ids)
+    ids, empty = (list(tokenizer.apply_chat_template([{"role": "user", "content": m}], add_generation_prompt=True,
+                                                     tokenize=True, return_dict=True)["input_ids"]) for m in (text, ""))
+    head = _common(ids, empty)
+    tail = min(_common(ids[::-1], empty[::-1]), len(empty) - head)
+    return ids, [head <= i < len(ids) - tail for i in range(len(ids))]
+
+
+def _common(a: list, b: list) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def _p2_inputs(bundle, ids: torch.Tensor) -> dict:
+    """What P2 receives for a batch of real ids: renamed ids (token mode) or permuted rows."""
+    if bundle.mode == "tokens":
+        return {"input_ids": torch.as_tensor([bundle.rename_ids(r) for r in ids.tolist()])}
+    return {"inputs_embeds": bundle.permuted_embeddings(ids)}
+
+
+def _vocab_causal(sealed: Path, pub, texts, layers: int, proposals: int) -> Result:
+    from transformers import AutoTokenizer
+
+    from ..client.bundle import ClientBundle
+
+    bundle = ClientBundle.load(sealed / "client")
+    tok = AutoTokenizer.from_pretrained(sealed / "client", local_files_only=True)
+    server = _server(sealed)
+    hits = user_hits = total = user_total = full = 0
+    seconds, recovered = 0.0, []
+    for text in texts:
+        ids, user = prompt_ids(tok, text)
+        x = torch.tensor([ids])
+        observed = hidden(server, layers, **_p2_inputs(bundle, x), attention_mask=torch.ones_like(x))[0]
+        m = vocab_.match_causal(observed, pub, layers, proposals=proposals, start=tok.all_special_ids)
+        right = [a == b for a, b in zip(m.ids, ids)]
+        hits, total = hits + sum(right), total + len(ids)
+        user_hits += sum(r for r, u in zip(right, user) if u)
+        user_total += sum(user)
+        full, seconds = full + m.full_searches, seconds + m.seconds
+        recovered.append(tok.decode([t for t, u in zip(m.ids, user) if u]))
+    return Result(user_hits / user_total, user_total, {
+        "attack": "vocab (causal)", "layers": layers, "all_tokens": total, "all_tokens_rate": hits / total,
+        "proposals": proposals, "full_vocabulary_searches": full, "seconds": round(seconds, 1), "recovered": recovered})
 
 
 def weights(sealed: str | Path, public: str | Path, texts=TEXTS) -> Result:
@@ -102,6 +169,12 @@ def weights(sealed: str | Path, public: str | Path, texts=TEXTS) -> Result:
     width = server.config.hidden_size  # P2 knows its model's width; the key is read only to score
     m = weights_.match(server.state_dict(), pub.state_dict(), width)
     truth = _true_key(sealed).pi
+    layers = _per_layer(m.unsealed)
+    out = {"attack": "weights", "tensors_unsealed": int(sum(m.unsealed.values())), "tensors": len(m.unsealed),
+           "tensors_unsealed_rate": sum(m.unsealed.values()) / len(m.unsealed),
+           "layers_unsealed": sum(layers.values()), "layers": len(layers), "voters": m.votes, "vote_agreement": m.agreement}
+    if _mode(sealed) == "tokens":
+        return Result(float((m.pi == truth).mean()), width, out)  # no rows in the traffic to decrypt
     t = capture(sealed, texts)
     opened = weights_.decrypt(t.sent, m.pi)
     keep = t.mask.bool()
@@ -111,9 +184,19 @@ def weights(sealed: str | Path, public: str | Path, texts=TEXTS) -> Result:
     found = torch.stack([torch.cdist(opened[:, i].double(), table if off is None else table + off[i].double()).argmin(-1)
                          for i in range(t.ids.shape[1])], 1)  # opened rows are in the clear: plain nearest row
     return Result(float((m.pi == truth).mean()), width, {
-        "attack": "weights", "tensors_unsealed": int(sum(m.unsealed.values())), "tensors": len(m.unsealed),
-        "voters": m.votes, "vote_agreement": m.agreement, "traffic_rows_decrypted": float(rows.float().mean()),
-        "tokens_decrypted": _token_rate(found, t)})
+        **out, "traffic_rows_decrypted": float(rows.float().mean()), "tokens_decrypted": _token_rate(found, t)})
+
+
+def _per_layer(unsealed: dict[str, bool]) -> dict[int, bool]:
+    """Layer index → every tensor of that layer un-permuted to the public one."""
+    import re
+
+    layers: dict[int, bool] = {}
+    for name, ok in unsealed.items():
+        m = re.search(r"\.(?:layers?|h)\.(\d+)\.", name)
+        if m:
+            layers[int(m.group(1))] = layers.get(int(m.group(1)), True) and ok
+    return layers
 
 
 def _leaked_pi(t: Traffic):
@@ -159,18 +242,100 @@ def cross_key(leaked_from: str | Path, victim: str | Path, texts=TEXTS) -> Resul
                                                             "traffic_coordinates_correct": float(coords)})
 
 
-ATTACKS = {"vocab": vocab, "weights": weights, "known-plaintext": known_plaintext, "attention": attention}
+def _log_requests(model, bundle, prompts: list[list[int]], new_tokens: int, stop: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Greedy answers as P2 computes them: (the ids P2 sees, the real ids). P2 is fed renamed
+    ids (token mode) or permuted rows (embedding mode), and in both modes sees the argmax of
+    its permuted logits at each step. ``bundle`` None: the public model, ids in the clear."""
+    if bundle is None:
+        out = greedy(model, prompts, new_tokens, stop={stop})
+        return out, out
+    renamed_stop = bundle.rename_ids([stop])[0]
+    if bundle.mode == "tokens":
+        seen = greedy(model, [bundle.rename_ids(p) for p in prompts], new_tokens, stop={renamed_stop})
+    else:
+        restore = lambda j: torch.as_tensor([bundle.restore_ids(r) for r in j.tolist()])  # noqa: E731
+        seen = greedy(model, prompts, new_tokens, stop={renamed_stop}, embed=bundle.permuted_embeddings, restore=restore)
+    return seen, [bundle.restore_ids(s) for s in seen]
 
 
-VARIANTS = ("reinit-embeddings", "reinit-all", "drift")
+PROMPT_POOL = 4000  # sentences 0..3999 may become prompts; the rest is fine-tuning text
+
+
+def chat_prompts(tokenizer, first: int, count: int) -> list[tuple[list[int], list[bool]]]:
+    """``count`` chat requests from real sentences (CPython's docs, ``stip.models.text``), from
+    the ``first``-th on: the ids and which of them are the user's text."""
+    from ..models.text import sentences
+
+    pool = sentences(seed=0)[:PROMPT_POOL]
+    if first + count > len(pool):
+        raise ValueError(f"only {len(pool)} sentences for prompts; asked for {first + count}")
+    return [prompt_ids(tokenizer, s) for s in pool[first : first + count]]
+
+
+_REFERENCES: dict[tuple, list[list[int]]] = {}
+
+
+def frequency(sealed: str | Path, public: str | Path, requests=(10, 100, 1000), new_tokens: int = 32,
+              reference_requests: int = 1000, log=lambda _msg: None) -> Result:
+    """P2's log of ``max(requests)`` chat requests (real sentences, answered greedily by the
+    sealed model in the sealing's own mode), decoded by frequency analysis against the public
+    model's answers to ``reference_requests`` other prompts. Token mode logs every prompt's and
+    answer's ids; embedding mode logs the argmax ids of the answers. Recovery: the share of the
+    logged user text and answer tokens (not the chat template) mapped to their real token."""
+    from transformers import AutoTokenizer
+
+    from ..client.bundle import ClientBundle
+
+    sealed, pub = Path(sealed), _public(public)
+    if not _causal(pub):
+        raise ValueError("frequency analysis reads generated ids: it needs a causal language model")
+    bundle = ClientBundle.load(sealed / "client")
+    tok = AutoTokenizer.from_pretrained(sealed / "client", local_files_only=True)
+    tokens_mode = bundle.mode == "tokens"
+    stop = tok.eos_token_id
+    n = max(requests)
+    users = chat_prompts(tok, 0, n)
+    log(f"P2 answers {n} requests ({bundle.mode} mode)")
+    seen, real = _log_requests(_server(sealed), bundle, [p for p, _ in users], new_tokens, stop)
+    log(f"the public model answers {reference_requests} other prompts (the attacker's reference)")
+    refs = chat_prompts(tok, n, reference_requests)
+    key = (str(public), n, reference_requests, new_tokens)
+    if key not in _REFERENCES:  # the same for both modes: answer once per process
+        _REFERENCES[key] = _log_requests(pub, None, [p for p, _ in refs], new_tokens, stop)[0]
+    answers = _REFERENCES[key]
+    if tokens_mode:
+        observed = [bundle.rename_ids(p) + s for (p, _), s in zip(users, seen)]
+        truth = [p + r for (p, _), r in zip(users, real)]
+        content = [u + [True] * len(s) for (_, u), s in zip(users, seen)]
+        reference = [p + a for (p, _), a in zip(refs, answers)]
+    else:
+        observed, truth, content, reference = seen, real, [[True] * len(s) for s in seen], answers
+    curve, whole = {}, {}
+    for k in sorted(requests):
+        mapping = frequency_.solve(observed[:k], reference)
+        curve[k] = frequency_.recovered(mapping, observed[:k], truth[:k], content[:k])
+        whole[k] = frequency_.recovered(mapping, observed[:k], truth[:k])
+        log(f"{k} requests: {100 * curve[k]:.1f} % of user and answer tokens")
+    return Result(curve[n], sum(map(sum, content)), {
+        "attack": "frequency", "mode": bundle.mode, "new_tokens": new_tokens, "reference_requests": reference_requests,
+        "by_requests": {str(k): v for k, v in curve.items()},
+        "whole_log_by_requests": {str(k): v for k, v in whole.items()},
+        **{f"requests{k}": v for k, v in curve.items()}})
+
+
+ATTACKS = {"vocab": vocab, "weights": weights, "known-plaintext": known_plaintext, "attention": attention, "frequency": frequency}
+
+
+VARIANTS = ("reinit-embeddings", "reinit-all", "drift", "finetune")
 
 
 @torch.no_grad()
-def private_variant(src: str | Path, dst: str | Path, kind: str, scale: float = 1.0, seed: int = 0) -> Path:
+def private_variant(src: str | Path, dst: str | Path, kind: str, scale: float = 1.0, seed: int = 0, steps: int = 200) -> Path:
     """A model whose weights are private, written as a Hugging Face folder (with src's tokenizer)
     for sealing: its word table re-initialised ("reinit-embeddings"), every weight re-initialised
-    ("reinit-all"), or every tensor moved by Gaussian noise of ``scale`` × its own standard
-    deviation ("drift", standing in for fine-tuning far from the base)."""
+    ("reinit-all"), every tensor moved by Gaussian noise of ``scale`` × its own standard
+    deviation ("drift", standing in for fine-tuning far from the base), or a causal LM really
+    fine-tuned for ``steps`` steps on local text ("finetune", ``finetune``)."""
     from ..seal import copy_preprocessing
 
     if kind not in VARIANTS:
@@ -183,6 +348,8 @@ def private_variant(src: str | Path, dst: str | Path, kind: str, scale: float = 
     elif kind == "reinit-all":
         torch.manual_seed(seed)
         model = type(model)(model.config).eval()
+    elif kind == "finetune":
+        finetune(model, src, steps, seed=seed)
     else:
         for t in model.state_dict().values():
             if t.is_floating_point() and t.numel() > 1:
@@ -191,3 +358,44 @@ def private_variant(src: str | Path, dst: str | Path, kind: str, scale: float = 
     model.save_pretrained(dst)
     copy_preprocessing(src, dst)
     return dst
+
+
+@torch.enable_grad()
+def finetune(model, src: str | Path, steps: int, *, batch: int = 4, length: int = 64, lr: float = 5e-5, seed: int = 0,
+             log=lambda _step, _loss: None):
+    """A plain full fine-tune of a causal LM, the size a user would run on a small corpus:
+    AdamW at the common 5e-5, no schedule, ``batch`` × ``length`` tokens a step, on sentences
+    of CPython's docs that no prompt of the attacks uses. In place; returns the model."""
+    from transformers import AutoTokenizer
+
+    from ..models.text import sentences
+
+    if not _causal(model):
+        raise ValueError("finetune trains a causal language model")
+    tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    corpus = sentences(seed=0)[PROMPT_POOL:]  # the attacks' prompts come from the first PROMPT_POOL
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    for step in range(steps):
+        i = (step * batch) % max(len(corpus) - batch, 1)
+        enc = tok(corpus[i : i + batch], return_tensors="pt", padding=True, truncation=True, max_length=length)
+        loss = model(**enc, labels=enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        log(step + 1, float(loss))
+    return model.eval()
+
+
+def drift(model_dir: str | Path, public: str | Path) -> Result:
+    """How far a model's weights are from the public ones, in the unit of the "drift" variants:
+    each tensor's RMS change over its own standard deviation; the median over tensors."""
+    a, b = _public(model_dir).state_dict(), _public(public).state_dict()
+    ratios = [float((a[n] - b[n]).pow(2).mean().sqrt() / b[n].std()) for n in b
+              if n in a and b[n].is_floating_point() and b[n].numel() > 1 and b[n].std() > 0]
+    ratios.sort()
+    return Result(ratios[len(ratios) // 2], len(ratios), {"attack": "drift", "drift": ratios[len(ratios) // 2],
+                                                            "max": ratios[-1], "min": ratios[0]})

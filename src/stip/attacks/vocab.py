@@ -5,9 +5,17 @@ is compared with the sorted rows of the public embedding table (plus what the mo
 that position): ``match``. Deeper in the model, after k layers, a row depends on the whole
 context; ``match_hidden`` runs the public model's first k layers on candidate prompts and
 keeps the candidates whose sorted hidden rows are nearest to what P2 observed.
+
+A causal model is weaker still (``match_causal``): its row at position i depends on tokens
+≤ i only, so the prompt is recovered left to right, one position at a time, by trying
+candidate tokens after the part already recovered — the paper's attack.
 """
 
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import torch
 
@@ -90,3 +98,79 @@ def _layer0_at(public, ids: torch.Tensor, t: int) -> torch.Tensor:
     """Layer-0 rows of every token alone at position t (embedding sums and their norm)."""
     emb = public.base_model.embeddings
     return emb(input_ids=ids[:, None], position_ids=torch.full((len(ids), 1), t))[:, 0]
+
+
+@dataclass
+class Causal:
+    ids: list[int]
+    full_searches: int = 0  # positions where no proposal matched and the whole vocabulary was tried
+    distances: list[float] = field(default_factory=list)  # each chosen token's relative sorted-L1 distance
+    seconds: float = 0.0
+
+
+def _sorted_l1(rows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Sorted-L1 distance of each row to ``target`` (already sorted), relative to its L1 norm:
+    sorting removes any permutation of the coordinates, so 0 means "the same row, permuted"."""
+    return (rows.double().sort(-1).values - target).abs().sum(-1) / target.abs().sum()
+
+
+def _expanded(cache, layers: int, b: int):
+    """The first ``layers`` layers of a batch-1 KV cache, as views repeated for b candidates."""
+    from transformers import DynamicCache
+
+    if cache is None:
+        return None
+    return DynamicCache([(l.keys.expand(b, -1, -1, -1), l.values.expand(b, -1, -1, -1)) for l in cache.layers[:layers]])
+
+
+@torch.no_grad()
+def match_causal(observed: torch.Tensor, public, k: int, *, proposals: int = 128, start: Sequence[int] = (),
+                 chunk: int = 512, tol: float = 1e-3, log: Callable[[int, int], None] = lambda _i, _n: None) -> Causal:
+    """One prompt's tokens from P2's rows after k layers of a causal model, observed (n, d)
+    with the width permuted in any way (Thomas, Pal et al., ICML 2025).
+
+    Position by position, with the prefix already recovered in a KV cache: each candidate token
+    runs through the public model's first k layers as the next position, and the candidate
+    whose sorted row is nearest (L1) to the observed one wins. Candidates are tried in batches,
+    the public model's own ``proposals`` likeliest next tokens first (``start`` at position 0,
+    where there is no context); when none is within ``tol`` — exact, up to float rounding —
+    the whole vocabulary is searched, stopping at the first batch that holds a match."""
+    from transformers import DynamicCache
+
+    t0 = time.perf_counter()
+    target = observed.double().sort(-1).values
+    vocab = public.get_input_embeddings().num_embeddings
+    cache, logits, out = DynamicCache(), None, Causal([])
+    for i in range(len(target)):
+        tried = torch.zeros(vocab, dtype=torch.bool)
+        first = torch.as_tensor(list(start), dtype=torch.long) if logits is None else logits.topk(min(proposals, vocab)).indices
+        order = [first[:proposals]] if proposals else []
+        best, best_d = None, float("inf")
+        for batch_no, cands in enumerate(order + [None]):
+            if cands is None:  # no proposal matched: every remaining token, in chunks
+                out.full_searches += 1
+                rest = (~tried).nonzero()[:, 0]
+                batches = rest.split(chunk)
+            else:
+                batches = cands[~tried[cands]].split(chunk)
+            for ids in batches:
+                if not len(ids):
+                    continue
+                tried[ids] = True
+                rows = hidden(public, k, input_ids=ids[:, None], past_key_values=_expanded(cache if i else None, k, len(ids)),
+                              use_cache=True)[:, -1]
+                d = _sorted_l1(rows, target[i])
+                j = int(d.argmin())
+                if float(d[j]) < best_d:
+                    best, best_d = int(ids[j]), float(d[j])
+                if best_d < tol:
+                    break
+            if best_d < tol:
+                break
+        out.ids.append(best)
+        out.distances.append(best_d)
+        step = public(input_ids=torch.tensor([[best]]), past_key_values=cache, use_cache=True)
+        logits = step.logits[0, -1]
+        log(i + 1, len(target))
+    out.seconds = time.perf_counter() - t0
+    return out

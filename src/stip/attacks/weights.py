@@ -33,9 +33,10 @@ def _sorted_along(t: torch.Tensor, axis: int) -> torch.Tensor:
     return t.sort(-1).values
 
 
-def _assign(sealed: torch.Tensor, public: torch.Tensor) -> np.ndarray:
-    """For each sealed row, the nearest public row (L2)."""
-    return torch.cdist(sealed, public).argmin(1).numpy()
+def _assign(sealed: torch.Tensor, public: torch.Tensor, chunk: int = 2048) -> np.ndarray:
+    """For each sealed row, the nearest public row (L2), in chunks of sealed rows (a vocabulary
+    table would otherwise need a vocabulary² distance matrix)."""
+    return torch.cat([torch.cdist(s, public).argmin(1) for s in sealed.split(chunk)]).numpy()
 
 
 @torch.no_grad()

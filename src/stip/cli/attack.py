@@ -1,0 +1,97 @@
+"""Attacks on a sealed model from P2's side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import app, embedded, err, fail, out
+
+
+attack_app = typer.Typer(no_args_is_help=True, help="Attacks on a sealed model from the cloud's (P2's) side; see docs/threat-model.md.")
+app.add_typer(attack_app, name="attack")
+
+_SEALED = typer.Option(..., "--sealed", metavar="OUT", help="A folder written by `stip seal` (provider/ is read only to score).")
+_PUBLIC = typer.Option(..., "--public", metavar="SRC", help="The public model folder the attacker knows (or minilm, smollm2: the embedded ones).")
+_TEXTS = typer.Option(None, "--text", help="A prompt the user sends (repeatable; default: four built-in sentences).")
+_JSON = typer.Option(False, "--json", help="Print one JSON object (recovery_rate, n, details).")
+
+
+def _attack(name: str, as_json: bool, **kwargs) -> None:
+    import json
+
+    from ..attacks import scenario
+
+    if kwargs.get("texts") is None:
+        kwargs.pop("texts", None)
+    else:
+        kwargs["texts"] = tuple(kwargs["texts"])
+    if "public" in kwargs:
+        kwargs["public"] = embedded(kwargs["public"])
+    for arg in ("sealed", "public"):
+        if arg in kwargs and not Path(kwargs[arg]).is_dir():
+            fail(f"--{arg} {kwargs[arg]} is not a folder")
+    try:
+        with err.status(f"running the {name} attack …"):
+            result = scenario.ATTACKS[name](**kwargs)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        fail(str(e))
+    if as_json:
+        print(json.dumps(result.to_json()))
+        return
+    out.print(f"[bold]{name}[/]: recovery rate {100 * result.recovery_rate:.1f} % of {result.n}")
+    for k, v in result.details.items():
+        if k != "attack":
+            out.print(f"  {k}: {v}", highlight=False, soft_wrap=True)
+
+
+@attack_app.command("vocab")
+def attack_vocab(sealed: Path = _SEALED, public: Path = _PUBLIC, texts: Optional[list[str]] = _TEXTS,
+                 layers: int = typer.Option(0, "--layers", min=0, help="Attack P2's hidden states after this many layers (0: the input rows)."),
+                 proposals: int = typer.Option(1024, "--proposals", min=0, help="Causal models: try the public model's N likeliest next tokens before the whole vocabulary (0: whole vocabulary only)."),
+                 as_json: bool = _JSON) -> None:
+    """Vocabulary matching: recover the user's tokens from the permuted activations P2 sees,
+    knowing the public embedding table (and, for --layers k, the public model). On a causal
+    model the prompt goes through its chat template, and is recovered position by position."""
+    _attack("vocab", as_json, sealed=sealed, public=public, texts=texts, layers=layers, proposals=proposals)
+
+
+@attack_app.command("weights")
+def attack_weights(sealed: Path = _SEALED, public: Path = _PUBLIC, texts: Optional[list[str]] = _TEXTS, as_json: bool = _JSON) -> None:
+    """Weight matching: recover π and the per-layer permutations from the sealed checkpoint and
+    a public base checkpoint, then decrypt the captured traffic with the recovered π."""
+    _attack("weights", as_json, sealed=sealed, public=public, texts=texts)
+
+
+@attack_app.command("known-plaintext")
+def attack_known_plaintext(sealed: Path = _SEALED, texts: Optional[list[str]] = _TEXTS, as_json: bool = _JSON) -> None:
+    """Known plaintext: recover π from one leaked pair (x, xπ), then decrypt other traffic."""
+    _attack("known-plaintext", as_json, sealed=sealed, texts=texts)
+
+
+@attack_app.command("attention")
+def attack_attention(sealed: Path = _SEALED, texts: Optional[list[str]] = _TEXTS, as_json: bool = _JSON) -> None:
+    """Attention leakage: which tokens repeat, from the attention maps P2 computes in the clear
+    (recovery rate: precision of the top-m position pairs, m the number of repeated pairs)."""
+    _attack("attention", as_json, sealed=sealed, texts=texts)
+
+
+@attack_app.command("frequency")
+def attack_frequency(sealed: Path = _SEALED, public: Path = _PUBLIC,
+                     requests: str = typer.Option("10,100,1000", "--requests", help="Comma-separated: how many logged requests to decode (a recovery curve)."),
+                     new_tokens: int = typer.Option(32, "--new-tokens", min=1, help="Answer length per request (greedy, ends early at end of turn)."),
+                     reference: int = typer.Option(1000, "--reference", min=1, help="Requests the attacker answers with the public model to build its reference."),
+                     as_json: bool = _JSON) -> None:
+    """Frequency analysis of a causal model's logged token ids: P2 answers many chat requests
+    (real sentences from CPython's docs) and maps the renamed ids back to tokens by unigram and
+    bigram statistics against the public model's answers to other prompts."""
+    try:
+        counts = tuple(sorted({int(r) for r in requests.split(",") if r.strip()}))
+    except ValueError:
+        fail(f"--requests takes comma-separated integers, not {requests!r}")
+    if not counts or counts[0] < 1:
+        fail("--requests needs at least one count ≥ 1")
+    _attack("frequency", as_json, sealed=sealed, public=public, requests=counts, new_tokens=new_tokens,
+            reference_requests=reference, log=lambda msg: err.print(msg))

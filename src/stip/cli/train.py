@@ -1,0 +1,122 @@
+"""Training the baselines' MPC- and HE-friendly models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from . import app, err, fail, out
+
+
+train_app = typer.Typer(no_args_is_help=True, help="Train the baselines' MPC- and HE-friendly models.")
+app.add_typer(train_app, name="train")
+
+
+def _stage_progress():
+    """A rich progress display and a tick(stage, step, total, info) callback feeding it."""
+    progress = Progress(TextColumn("{task.description:<10}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err)
+    tasks: dict = {}
+
+    def tick(stage: str, step: int, total: int, info: str) -> None:
+        if stage not in tasks:
+            tasks[stage] = progress.add_task(stage, total=total, info="")
+        progress.update(tasks[stage], completed=step, total=total, info=info)
+
+    return progress, tick
+
+
+@train_app.command("mpcvit")
+def train_mpcvit(
+    out_dir: Path = typer.Argument(..., metavar="OUT", help="Run folder: checkpoints, model.safetensors, summary.json. Re-run to resume."),
+    dataset: str = typer.Option("digits", "--dataset", help="digits (bundled) | cifar10 | cifar100 | tiny-imagenet (local files)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder holding cifar-10-batches-py/, cifar-100-python/ or tiny-imagenet-200/."),
+    preset: str = typer.Option("digits", "--preset", help="digits | vit-7-4-32 (CIFAR) | vit-9-12-64 (Tiny-ImageNet)."),
+    mu: float = typer.Option(0.3, "--mu", min=0.0, max=1.0, help="Fraction of attention units kept as ReLU-softmax; the rest become scaling."),
+    granularity: str = typer.Option("head", "--granularity", help="One α per head | layer | row (query row of a head)."),
+    lam: float = typer.Option(1e-5, "--lambda", help="L1 weight on α during the search."),
+    latency_weights: str = typer.Option("measured", "--latency-weights", help="measured (SPU costs of each attention kind) | uniform."),
+    linear_gelu: bool = typer.Option(False, "--linear-gelu", help="MPCViT+: also search GELU vs identity per token in the MLPs."),
+    distill: bool = typer.Option(True, "--distill/--no-distill", help="Retrain with self-distillation from the softmax teacher (KL + feature MSE + CE), or CE only."),
+    teacher_epochs: int = typer.Option(60, "--teacher-epochs", min=0),
+    search_epochs: int = typer.Option(5, "--search-epochs", min=0),
+    distill_epochs: int = typer.Option(15, "--distill-epochs", min=0),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    lr: float = typer.Option(2e-3, "--lr"),
+    seed: int = typer.Option(0, "--seed"),
+    force: bool = typer.Option(False, "--force", help="Start over in an OUT that holds a run with other settings."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+) -> None:
+    """Train an MPC-friendly ViT (MPCViT): (a) a softmax teacher, (b) a differentiable search
+    over ReLU-softmax vs scaling attention with a latency-weighted L1 penalty, (c) binarise
+    under the budget μ, (d) retrain with self-distillation. Writes a checkpoint every epoch;
+    running the same command again resumes. `stip mpc run --model OUT` runs the result under SPU."""
+    import json
+
+    from ..models.data import DatasetMissing
+    from ..models.mpcvit import Recipe
+    from ..models.mpcvit import train_mpcvit as run
+    from ..models.train import RunMismatch
+
+    recipe = Recipe(dataset=dataset, data_dir=str(data_dir) if data_dir else None, preset=preset, linear_gelu=linear_gelu,
+                    granularity=granularity, mu=mu, lam=lam, latency_weights=latency_weights, distill=distill,
+                    teacher_epochs=teacher_epochs, search_epochs=search_epochs, distill_epochs=distill_epochs,
+                    batch_size=batch_size, lr=lr, seed=seed)
+    progress, tick = _stage_progress()
+    try:
+        with progress:
+            summary = run(recipe, out_dir, tick, force=force)
+    except (DatasetMissing, RunMismatch, ValueError) as e:
+        fail(str(e))
+    if as_json:
+        print(json.dumps(summary))
+        return
+    from rich.table import Table
+
+    t = Table(title=f"MPCViT {preset} on {dataset}, μ={mu}, {granularity} granularity", show_header=False)
+    t.add_column("")
+    t.add_column("", justify="right")
+    for key, label in (("teacher_accuracy", "softmax teacher"), ("search_accuracy", "searched (α mixed)"),
+                       ("binarized_accuracy", "binarised, before retraining"), ("accuracy", "final (distilled)" if distill else "final (CE only)")):
+        t.add_row(label, f"{100 * summary[key]:.2f} %")
+    t.add_row("attention units: ReLU-softmax / scaling", f"{summary['head_kinds']['relu_softmax']} / {summary['head_kinds']['scaling']}")
+    out.print(t)
+    out.print(f"model: {out_dir / 'model.safetensors'}   (stip mpc run --model {out_dir})", highlight=False)
+
+
+@train_app.command("polyformer")
+def train_polyformer(
+    out_dir: Path = typer.Argument(..., metavar="OUT", help="Run folder: checkpoints, model.safetensors, summary.json. Re-run to resume."),
+    preset: str = typer.Option("digits", "--preset", help="digits | tiny."),
+    dataset: str = typer.Option("digits", "--dataset", help="digits (bundled) | cifar10 | cifar100 | tiny-imagenet (local files)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
+    epochs: int = typer.Option(40, "--epochs", min=0),
+    degree: int = typer.Option(4, "--degree", min=1, help="Degree of the fitted polynomials (4 needs N=16384 under CKKS; 2 fits N=8192)."),
+    method: str = typer.Option("lsq", "--fit", help="lsq | minimax, over the range each activation took on the training set."),
+    seed: int = typer.Option(0, "--seed"),
+    force: bool = typer.Option(False, "--force"),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+) -> None:
+    """Train the polynomial ViT (Zimerman et al.): pointwise attention scaled by 1/√L,
+    BatchNorm, range and variance penalties; then swap fitted polynomials in for the
+    activations and report accuracy before and after. `stip he run --model OUT` runs it under CKKS."""
+    import json
+
+    from ..models.data import DatasetMissing
+    from ..models.polyformer import train_polyformer as run
+    from ..models.train import RunMismatch
+
+    progress, tick = _stage_progress()
+    try:
+        with progress:
+            summary = run(out_dir, preset, dataset, data_dir, epochs, degree, method, seed=seed, tick=tick, force=force)
+    except (DatasetMissing, RunMismatch, ValueError) as e:
+        fail(str(e))
+    if as_json:
+        print(json.dumps(summary))
+        return
+    out.print(f"accuracy with GELU: {100 * summary['twin_accuracy']:.2f} %   with degree-{degree} polynomials: "
+              f"{100 * summary['polynomial_accuracy']:.2f} %   model: {out_dir / 'model.safetensors'}", highlight=False)

@@ -1,0 +1,170 @@
+"""P3, the user: the OpenAI-compatible proxy, queries, generation, and the end-to-end demo."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import app, err, fail, listen, out, read_token
+
+
+@app.command()
+def proxy(
+    client_dir: Path = typer.Argument(..., metavar="OUT/client", help="The client folder of a token-mode sealing (stip seal --mode tokens)."),
+    upstream: str = typer.Option(..., "--upstream", help="The cloud's engine: vLLM's OpenAI server holding OUT/server, e.g. http://10.0.0.5:8000"),
+    upstream_token_file: Optional[Path] = typer.Option(None, "--upstream-token-file", help="File holding the bearer token the engine expects (vLLM --api-key)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; keep it on loopback: the proxy sees prompts in the clear."),
+    port: int = typer.Option(8080, help="Port to bind; 0 picks a free one (printed on stdout)."),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="The model id applications ask for (default: derived from the sealing)."),
+    upstream_model: Optional[str] = typer.Option(None, "--upstream-model", help="The engine's served model name (default: stip-<fingerprint>, as `stip` starts vLLM)."),
+    timeout: float = typer.Option(300.0, help="Seconds to wait for the engine before answering 504."),
+    max_tokens_limit: Optional[int] = typer.Option(None, "--max-tokens-limit", min=1, help="Refuse requests for more new tokens than this (default: the model's context)."),
+) -> None:
+    """Run the user's side (P3) as a local OpenAI-compatible server.
+
+    Point any OpenAI client at http://HOST:PORT/v1. Chat templates and tokenization run here;
+    only token ids renamed by the secret π_c reach the engine, and the ids it returns are
+    restored and detokenized here."""
+    from ..client.bundle import InvalidBundle
+    from ..client.proxy import Upstream, create_app
+    from ..keys import InvalidKey
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        err.print(f"[yellow]warning:[/] binding {host}: whoever reaches the proxy sends prompts through your key")
+    try:
+        up = Upstream(upstream, token=read_token(upstream_token_file), timeout=timeout, model=upstream_model)
+        api = create_app(client_dir, up, model_name=model_name, max_tokens_limit=max_tokens_limit)
+    except (InvalidBundle, InvalidKey, OSError, ValueError) as e:
+        fail(str(e))
+    listen(api, host, port, "proxy", f"model {api.state.model_name}, upstream {upstream}")
+
+
+def _client(client_dir: Path, server: str, token_file: Path | None):
+    from ..client.api import Client
+    from ..client.bundle import InvalidBundle
+    from ..keys import InvalidKey
+
+    try:
+        return Client(client_dir, server, token=read_token(token_file))
+    except (InvalidBundle, InvalidKey, OSError, ValueError) as e:
+        fail(str(e))
+
+
+def _run_client(fn):
+    """Call the server; turn its refusals and transport failures into one clear line."""
+    import httpx
+
+    from ..client.api import KeyMismatch, ServerError
+
+    try:
+        return fn()
+    except ServerError as e:
+        fail(str(e))
+    except KeyMismatch as e:
+        fail(str(e))
+    except httpx.TransportError as e:
+        fail(f"cannot reach the server: {e}")
+    except (ValueError, OSError) as e:
+        fail(str(e))
+
+
+@app.command()
+def query(
+    client_dir: Path = typer.Argument(..., metavar="OUT/client", help="The client folder P1 handed over."),
+    items: list[str] = typer.Argument(..., metavar="TEXT...|IMAGE...", help="Texts, or image files for vision models."),
+    server: str = typer.Option(..., "--server", help="The cloud's URL, e.g. http://127.0.0.1:8000"),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="File holding the bearer token."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Query a sealed model as the user (P3): embed and permute locally, send, un-permute.
+
+    Encoders give hidden states and a sentence embedding; classifiers give logits and labels."""
+    import json
+
+    c = _client(client_dir, server, token_file)
+    with c:
+        info = _run_client(c.info)
+        if info["causal"]:
+            fail("this is a causal language model: use `stip generate`")
+        if "logits" in info["outputs"]:
+            r = _run_client(lambda: c.classify(items))
+            if as_json:
+                print(json.dumps({"logits": r.logits.tolist(), "label": r.labels}))
+                return
+            for item, label in zip(items, r.labels):
+                out.print(f"{label}\t{item}", highlight=False, soft_wrap=True)
+        else:
+            r = _run_client(lambda: c.encode(items))
+            if as_json:
+                lengths = r.attention_mask.sum(1).tolist()
+                hidden = [h[:n].tolist() for h, n in zip(r.last_hidden_state, lengths)]
+                print(json.dumps({"last_hidden_state": hidden, "embedding": r.embedding.tolist()}))
+                return
+            for item, e, n in zip(items, r.embedding, r.attention_mask.sum(1).tolist()):
+                head = ", ".join(f"{v:+.4f}" for v in e[:4].tolist())
+                out.print(f"{n:>4} tokens  [{head}, …] ({e.numel()} dims)  {item}", highlight=False, soft_wrap=True)
+        s = c.stats
+        err.print(f"{s.requests} request(s), {s.bytes_up} B up, {s.bytes_down} B down, cloud {s.server_seconds * 1e3:.1f} ms, client {s.client_seconds * 1e3:.1f} ms")
+
+
+@app.command()
+def generate(
+    client_dir: Path = typer.Argument(..., metavar="OUT/client", help="The client folder P1 handed over."),
+    prompt: Optional[str] = typer.Argument(None, help="The prompt text."),
+    server: str = typer.Option(..., "--server", help="The cloud's URL."),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="File holding the bearer token."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
+    greedy: bool = typer.Option(False, "--greedy", help="Pick the most likely token (the default unless a sampling option is given)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sample with this temperature."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Sample from the smallest set with this much probability."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling, for repeatable output."),
+    ids: Optional[str] = typer.Option(None, "--ids", help="Comma-separated prompt token ids instead of text (models without a tokenizer)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Generate text from a sealed causal LM as the user (P3), one round trip per token;
+    sampling happens locally, the KV cache stays in the cloud."""
+    import json
+
+    sampling = any(v is not None for v in (temperature, top_p, seed))
+    if greedy and sampling:
+        fail("--greedy cannot be combined with --temperature, --top-p or --seed")
+    if (prompt is None) == (ids is None):
+        fail("give a PROMPT or --ids, not both")
+    try:
+        prompt_in = [int(t) for t in ids.split(",")] if ids is not None else prompt
+    except ValueError:
+        fail("--ids takes comma-separated integers")
+    c = _client(client_dir, server, token_file)
+    with c:
+        r = _run_client(
+            lambda: c.generate(
+                prompt_in,
+                max_new_tokens,
+                greedy=not sampling,
+                temperature=temperature if temperature is not None else 1.0,
+                top_p=top_p if top_p is not None else 1.0,
+                seed=seed,
+            )
+        )
+        if as_json:
+            print(json.dumps({"text": r.text, "token_ids": r.token_ids}))
+        else:
+            out.print(r.text if r.text is not None else " ".join(map(str, r.token_ids)), highlight=False, soft_wrap=True)
+        s = c.stats
+        err.print(f"{len(r.token_ids)} tokens, {s.requests} round trips, {s.bytes_up} B up, {s.bytes_down} B down")
+
+
+@app.command()
+def demo(
+    chat: bool = typer.Option(True, "--chat/--no-chat", help="Also run the chat step (needs vLLM: `make vllm`)."),
+) -> None:
+    """The three parties end to end. MiniLM: seal, audit, serve with `stip serve`, query, and
+    compare with the plaintext sentence embeddings. Chat: seal SmolLM2 in token mode, serve it
+    with vLLM, ask through `stip proxy` with the openai client, and compare with plaintext
+    generation."""
+    from ..demo import run
+
+    sys.exit(run(out, err, chat=chat))
