@@ -47,12 +47,16 @@ class Sealings:
                 rekey(self["public"], out)
             else:  # "reinit-embeddings", "reinit-all", "drift<scale>", "finetune"
                 kind, scale = ("drift", float(variant[5:])) if variant.startswith("drift") else (variant, 1.0)
-                seal_folder(scenario.private_variant(src, self.model(name), kind, scale, steps=FINETUNE_STEPS), out)
+                seal_folder(scenario.private_variant(src, self._model_dir(name), kind, scale, steps=FINETUNE_STEPS), out)
             self._made[name] = out
         return self._made[name]
 
     def model(self, name: str) -> Path:
-        """Where a private variant's model folder (before sealing) is written."""
+        """A private variant's model folder (before sealing), made on first use."""
+        self[name]
+        return self._model_dir(name)
+
+    def _model_dir(self, name: str) -> Path:
         return self.tmp / "models" / name
 
 
@@ -110,12 +114,15 @@ def _llm_figures() -> list[tuple[str, str, Callable, str]]:
         d = f"smollm2/drift{scale}"
         out += [(f"llm.weights.drift{scale}", "recovery_rate", lambda s, m, d=d: w(s[d], m),
                  f"stip attack weights --sealed LLM_DRIFT_{scale} --public smollm2"),
+                (f"llm.weights.drift{scale}.tokens", "tokens_decrypted", lambda s, m, d=d: w(s[d], m),
+                 f"stip attack weights --sealed LLM_DRIFT_{scale} --public smollm2"),
                 (f"llm.vocab.drift{scale}", "recovery_rate", lambda s, m, d=d: v(s[d], m, CHAT_PROMPTS),
                  f"stip attack vocab --sealed LLM_DRIFT_{scale} --public smollm2 {prompts}")]
     ft = "smollm2/finetune"
     out += [
         ("llm.finetune.drift", "drift", lambda s, m: scenario.drift(s.model(ft), m), "stip.attacks.scenario.drift(FINETUNED_MODEL, smollm2)"),
         ("llm.weights.finetune", "recovery_rate", lambda s, m: w(s[ft], m), "stip attack weights --sealed LLM_FINETUNED --public smollm2"),
+        ("llm.weights.finetune.tokens", "tokens_decrypted", lambda s, m: w(s[ft], m), "stip attack weights --sealed LLM_FINETUNED --public smollm2"),
         ("llm.vocab.finetune", "recovery_rate", lambda s, m: v(s[ft], m, CHAT_PROMPTS),
          f"stip attack vocab --sealed LLM_FINETUNED --public smollm2 {prompts}"),
     ]

@@ -124,7 +124,7 @@ def _expanded(cache, layers: int, b: int):
 
 
 @torch.no_grad()
-def match_causal(observed: torch.Tensor, public, k: int, *, proposals: int = 128, start: Sequence[int] = (),
+def match_causal(observed: torch.Tensor, public, k: int, *, proposals: int = 1024, start: Sequence[int] = (),
                  chunk: int = 512, tol: float = 1e-3, log: Callable[[int, int], None] = lambda _i, _n: None) -> Causal:
     """One prompt's tokens from P2's rows after k layers of a causal model, observed (n, d)
     with the width permuted in any way (Thomas, Pal et al., ICML 2025).
@@ -146,7 +146,7 @@ def match_causal(observed: torch.Tensor, public, k: int, *, proposals: int = 128
         first = torch.as_tensor(list(start), dtype=torch.long) if logits is None else logits.topk(min(proposals, vocab)).indices
         order = [first[:proposals]] if proposals else []
         best, best_d = None, float("inf")
-        for batch_no, cands in enumerate(order + [None]):
+        for cands in order + [None]:
             if cands is None:  # no proposal matched: every remaining token, in chunks
                 out.full_searches += 1
                 rest = (~tried).nonzero()[:, 0]
