@@ -59,7 +59,7 @@ bench-report: $(STAMP)
 	$(VENV)/bin/stip train polyformer $(RESULTS)/polyvit-digits
 	$(VENV)/bin/stip bench --model $(RESULTS)/polyvit-digits --batch 64 --network wan --out $(RESULTS)/bench/polyvit-digits --readme README.md
 
-# Every figure of docs/threat-model.md, MiniLM and SmolLM2 (about an hour; --only PREFIXES for part).
+# Every figure of docs/threat-model.md, MiniLM and SmolLM2 (about 90 minutes; --only PREFIXES for part).
 bench-attacks: $(STAMP)
 	$(PY) benchmarks/attacks.py
 

@@ -2,7 +2,7 @@
 model (MiniLM; SmolLM2 for the ids starting ``llm.``) or of a private variant of it, named by
 an id the document quotes.
 
-    measure(tmp)                       every figure (about an hour on 2 cores)
+    measure(tmp)                       every figure (about 90 minutes on 2 cores)
     measure(tmp, only={"vocab.public"})
 """
 

@@ -334,8 +334,8 @@ def private_variant(src: str | Path, dst: str | Path, kind: str, scale: float = 
     """A model whose weights are private, written as a Hugging Face folder (with src's tokenizer)
     for sealing: its word table re-initialised ("reinit-embeddings"), every weight re-initialised
     ("reinit-all"), every tensor moved by Gaussian noise of ``scale`` × its own standard
-    deviation ("drift", standing in for fine-tuning far from the base), or a causal LM really
-    fine-tuned for ``steps`` steps on local text ("finetune", ``finetune``)."""
+    deviation ("drift", standing in for fine-tuning far from the base), or, for a causal LM,
+    really fine-tuned for ``steps`` steps on local text ("finetune": see ``finetune``)."""
     from ..seal import copy_preprocessing
 
     if kind not in VARIANTS:
