@@ -22,12 +22,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-_EDGE = -1  # the start or end of a request: P2 sees it, so it is a known pair of symbols
-
-
 def _index(seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, dict[int, int]]:
     ids = sorted({t for s in seqs for t in s})
-    return np.asarray(ids), {t: i + 1 for i, t in enumerate(ids)}  # 0 is the edge symbol
+    # 0 is the start or end of a request: P2 sees it, so it is a known pair of symbols
+    return np.asarray(ids), {t: i + 1 for i, t in enumerate(ids)}
 
 
 def _bigrams(seqs, where: dict[int, int], n: int) -> torch.Tensor:

@@ -34,13 +34,18 @@ class Traffic:
     tokenizer: object  # P3's, to show recovered tokens as text
 
 
-def capture(sealed: str | Path, texts=TEXTS) -> Traffic:
+def _client(sealed: str | Path):
+    """P3's bundle and tokenizer, from OUT/client."""
     from transformers import AutoTokenizer
 
     from ..client.bundle import ClientBundle
 
     client = Path(sealed) / "client"
-    bundle, tok = ClientBundle.load(client), AutoTokenizer.from_pretrained(client, local_files_only=True)
+    return ClientBundle.load(client), AutoTokenizer.from_pretrained(client, local_files_only=True)
+
+
+def capture(sealed: str | Path, texts=TEXTS) -> Traffic:
+    bundle, tok = _client(sealed)
     if bundle.mode == "tokens":
         raise ValueError(f"{sealed} is a token-mode sealing: P2 receives renamed ids, not rows "
                          "(attack them with `stip attack frequency`, or the hidden states with `stip attack vocab --layers K`)")
@@ -136,12 +141,7 @@ def _p2_inputs(bundle, ids: torch.Tensor) -> dict:
 
 
 def _vocab_causal(sealed: Path, pub, texts, layers: int, proposals: int) -> Result:
-    from transformers import AutoTokenizer
-
-    from ..client.bundle import ClientBundle
-
-    bundle = ClientBundle.load(sealed / "client")
-    tok = AutoTokenizer.from_pretrained(sealed / "client", local_files_only=True)
+    bundle, tok = _client(sealed)
     server = _server(sealed)
     hits = user_hits = total = user_total = full = 0
     seconds, recovered = 0.0, []
@@ -282,15 +282,10 @@ def frequency(sealed: str | Path, public: str | Path, requests=(10, 100, 1000), 
     model's answers to ``reference_requests`` other prompts. Token mode logs every prompt's and
     answer's ids; embedding mode logs the argmax ids of the answers. Recovery: the share of the
     logged user text and answer tokens (not the chat template) mapped to their real token."""
-    from transformers import AutoTokenizer
-
-    from ..client.bundle import ClientBundle
-
     sealed, pub = Path(sealed), _public(public)
     if not _causal(pub):
         raise ValueError("frequency analysis reads generated ids: it needs a causal language model")
-    bundle = ClientBundle.load(sealed / "client")
-    tok = AutoTokenizer.from_pretrained(sealed / "client", local_files_only=True)
+    bundle, tok = _client(sealed)
     tokens_mode = bundle.mode == "tokens"
     stop = tok.eos_token_id
     n = max(requests)

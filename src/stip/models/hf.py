@@ -12,10 +12,6 @@ def _layers(model) -> torch.nn.ModuleList:
     return getattr(holder, name)
 
 
-def depth(model) -> int:
-    return len(_layers(model))
-
-
 class _Reached(Exception):
     def __init__(self, value: torch.Tensor):
         self.value = value
@@ -69,12 +65,12 @@ def greedy(model, prompts: list[list[int]], new_tokens: int, *, embed=None, rest
             ids[r, width - len(p):], mask[r, width - len(p):] = torch.as_tensor(p), 1
         cache, done = DynamicCache(), torch.zeros(len(group), dtype=torch.bool)
         nxt, gen = ids, []
-        for _ in range(new_tokens):
+        for step in range(new_tokens):
             pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -nxt.shape[1]:]
             if embed is None:
                 fed = {"input_ids": nxt}
-            else:
-                fed = {"inputs_embeds": embed(nxt if nxt is ids or restore is None else restore(nxt))}
+            else:  # the prompt is real ids; later steps feed back the model's own argmax
+                fed = {"inputs_embeds": embed(restore(nxt) if step and restore is not None else nxt)}
             logits = model(**fed, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits
             nxt = logits[:, -1].argmax(-1, keepdim=True)
             gen.append(nxt[:, 0])
