@@ -32,7 +32,7 @@ from stip import wire
 from stip.models import default
 from stip.mpc.job import inputs_for
 from stip.mpc.runner import simulate
-from stip.mpc.weights import from_hf
+from stip.models.blocks import from_hf
 from stip.seal import load_source, seal
 from stip.serve import engine
 

@@ -1,6 +1,7 @@
 """The one equivalence harness: build a model from a config, give every norm random γ/β,
 seal, run the plaintext model and the sealed path (P3 embeds and permutes — or, in token
-mode, renames the ids —, P2 runs the sealed checkpoint, P3 un-permutes), compare."""
+mode, renames the ids —, P2 runs the sealed checkpoint, P3 un-permutes), compare. Shares
+mode goes through the same comparison (``run=run_shares``)."""
 
 from __future__ import annotations
 
@@ -67,11 +68,22 @@ def run_sealed(sealed: Sealed, case: Case) -> dict:
     return client.unpermute_outputs(out)
 
 
-def assert_equivalent(case: Case, sealed: Sealed | None = None, atol: float = ATOL) -> float:
-    """Sealed path == plaintext within ``atol`` on real positions, same argmax. Returns max error."""
-    sealed = sealed or seal(case.model)
-    plain, got = run_plain(case), run_sealed(sealed, case)
-    assert got, "the sealed path returned no outputs"
+def run_shares(case: Case) -> dict:
+    """Shares mode: two share servers (threads, real sockets) do the weight matmuls on
+    additive shares; P3 walks the model."""
+    from stip.shares import Servers, ShareServer, SharesModel
+
+    s1, s2 = ShareServer.from_model(case.model), ShareServer.from_model(case.model)
+    with s1.listen() as a, s2.listen() as b, Servers([a.address, b.address]) as servers:
+        return SharesModel(case.model, servers).forward(case.inputs["input_ids"], case.inputs["attention_mask"])
+
+
+def assert_equivalent(case: Case, sealed: Sealed | None = None, atol: float = ATOL, run=None) -> float:
+    """Sealed path (or ``run(case)``, another private path) == plaintext within ``atol`` on
+    real positions, same argmax. Returns max error."""
+    plain = run_plain(case)
+    got = run(case) if run is not None else run_sealed(sealed or seal(case.model), case)
+    assert got, "the private path returned no outputs"
     worst = 0.0
     for name, value in got.items():
         ref = plain[name]

@@ -10,7 +10,7 @@ import harness
 from stip.models import default
 from stip.mpc.model import Config, forward, truncate
 from stip.mpc.runner import FIELD_BITS, FRACTION_BITS, simulate
-from stip.mpc.weights import embed, from_hf
+from stip.models.blocks import embed, from_hf
 from stip.seal import load_source
 
 # Fixed-point tolerance for SPU on ring FM64 (64-bit field) with 18 fraction bits: SPU

@@ -125,7 +125,8 @@ def _expanded(cache, layers: int, b: int):
 
 @torch.no_grad()
 def match_causal(observed: torch.Tensor, public, k: int, *, proposals: int = 1024, start: Sequence[int] = (),
-                 chunk: int = 512, tol: float = 1e-3, log: Callable[[int, int], None] = lambda _i, _n: None) -> Causal:
+                 chunk: int = 512, tol: float = 1e-3, full: bool = True, scale_free: bool = False,
+                 log: Callable[[int, int], None] = lambda _i, _n: None) -> Causal:
     """One prompt's tokens from P2's rows after k layers of a causal model, observed (n, d)
     with the width permuted in any way (Thomas, Pal et al., ICML 2025).
 
@@ -134,11 +135,14 @@ def match_causal(observed: torch.Tensor, public, k: int, *, proposals: int = 102
     whose sorted row is nearest (L1) to the observed one wins. Candidates are tried in batches,
     the public model's own ``proposals`` likeliest next tokens first (``start`` at position 0,
     where there is no context); when none is within ``tol`` — exact, up to float rounding —
-    the whole vocabulary is searched, stopping at the first batch that holds a match."""
+    the whole vocabulary is searched, stopping at the first batch that holds a match
+    (``full=False``: never; the nearest proposal is taken). ``scale_free``: rows are compared
+    after dividing each by its L1 norm (for a view that is known only up to a scale)."""
     from transformers import DynamicCache
 
     t0 = time.perf_counter()
-    target = observed.double().sort(-1).values
+    unit = (lambda r: r / r.abs().sum(-1, keepdim=True).clamp(min=1e-30)) if scale_free else (lambda r: r)  # noqa: E731
+    target = unit(observed.double()).sort(-1).values
     vocab = public.get_input_embeddings().num_embeddings
     cache, logits, out = DynamicCache(), None, Causal([])
     for i in range(len(target)):
@@ -146,7 +150,7 @@ def match_causal(observed: torch.Tensor, public, k: int, *, proposals: int = 102
         first = torch.as_tensor(list(start), dtype=torch.long) if logits is None else logits.topk(min(proposals, vocab)).indices
         order = [first[:proposals]] if proposals else []
         best, best_d = None, float("inf")
-        for cands in order + [None]:
+        for cands in order + ([None] if full or not order else []):
             if cands is None:  # no proposal matched: every remaining token, in chunks
                 out.full_searches += 1
                 rest = (~tried).nonzero()[:, 0]
@@ -159,7 +163,7 @@ def match_causal(observed: torch.Tensor, public, k: int, *, proposals: int = 102
                 tried[ids] = True
                 rows = hidden(public, k, input_ids=ids[:, None], past_key_values=_expanded(cache if i else None, k, len(ids)),
                               use_cache=True)[:, -1]
-                d = _sorted_l1(rows, target[i])
+                d = _sorted_l1(unit(rows.double()), target[i])
                 j = int(d.argmin())
                 if float(d[j]) < best_d:
                     best, best_d = int(ids[j]), float(d[j])

@@ -99,7 +99,7 @@ class HFSubject:
     def mpc(self, layers: int):
         """(Config, params, user's embedding) with the first ``layers`` layers."""
         from ..mpc.model import truncate
-        from ..mpc.weights import embed, from_hf
+        from ..models.blocks import embed, from_hf
 
         cfg, params = from_hf(self.model)
         if layers < cfg.layers:

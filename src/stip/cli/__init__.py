@@ -1,7 +1,7 @@
 """The ``stip`` command line. Thin: parses arguments, calls the modules, reports.
 
-One module per party or baseline: provider (seal, rekey, audit), cloud (serve), user (proxy,
-query, generate, demo), mpc, train, he, attack, bench. This module holds what they share."""
+One module per party or baseline: provider (seal, rekey, audit), cloud (serve), shares
+(share-server), user (proxy, query, generate, demo), mpc, train, he, attack, bench. This module holds what they share."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def embedded(path: Path | None) -> Path | None:
         fail(str(e))
 
 
-from . import provider, cloud, user, mpc, train, he, attack, bench  # noqa: E402,F401  (registers the commands)
+from . import provider, cloud, shares, user, mpc, train, he, attack, bench  # noqa: E402,F401  (registers the commands)
 
 
 def main() -> None:

@@ -8,14 +8,15 @@ from typing import Optional
 
 import typer
 
-from . import app, err, fail, listen, out, read_token
+from . import app, embedded, err, fail, listen, out, read_token
 
 
 @app.command()
 def proxy(
-    client_dir: Path = typer.Argument(..., metavar="OUT/client", help="The client folder of a token-mode sealing (stip seal --mode tokens)."),
-    upstream: str = typer.Option(..., "--upstream", help="The cloud's engine: vLLM's OpenAI server holding OUT/server, e.g. http://10.0.0.5:8000"),
-    upstream_token_file: Optional[Path] = typer.Option(None, "--upstream-token-file", help="File holding the bearer token the engine expects (vLLM --api-key)."),
+    client_dir: Path = typer.Argument(..., metavar="OUT/client|SRC", help="The client folder of a token-mode sealing (stip seal --mode tokens); with --shares, the public model (a local HF folder, or smollm2)."),
+    upstream: Optional[str] = typer.Option(None, "--upstream", help="The cloud's engine: vLLM's OpenAI server holding OUT/server, e.g. http://10.0.0.5:8000"),
+    shares: Optional[str] = typer.Option(None, "--shares", metavar="S1,S2", help="Shares mode instead: the two share servers' HOST:PORT (stip share-server), e.g. 10.0.0.5:7001,10.1.0.7:7001"),
+    upstream_token_file: Optional[Path] = typer.Option(None, "--upstream-token-file", help="File holding the bearer token the engine expects (vLLM --api-key), or the share servers' token."),
     host: str = typer.Option("127.0.0.1", help="Address to bind; keep it on loopback: the proxy sees prompts in the clear."),
     port: int = typer.Option(8080, help="Port to bind; 0 picks a free one (printed on stdout)."),
     model_name: Optional[str] = typer.Option(None, "--model-name", help="The model id applications ask for (default: derived from the sealing)."),
@@ -25,21 +26,53 @@ def proxy(
 ) -> None:
     """Run the user's side (P3) as a local OpenAI-compatible server.
 
-    Point any OpenAI client at http://HOST:PORT/v1. Chat templates and tokenization run here;
-    only token ids renamed by the secret π_c reach the engine, and the ids it returns are
-    restored and detokenized here."""
+    Point any OpenAI client at http://HOST:PORT/v1. Chat templates and tokenization run here.
+    Token mode (--upstream): only token ids renamed by the secret π_c reach the engine, and
+    the ids it returns are restored and detokenized here. Shares mode (--shares): the proxy
+    runs the public model itself, and each share server sees only additive shares of the
+    weight-matmul inputs."""
     from ..client.bundle import InvalidBundle
     from ..client.proxy import Upstream, create_app
     from ..keys import InvalidKey
 
+    if (upstream is None) == (shares is None):
+        fail("give --upstream (token mode) or --shares (shares mode), not both")
     if host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"[yellow]warning:[/] binding {host}: whoever reaches the proxy sends prompts through your key")
+    token = read_token(upstream_token_file)
     try:
-        up = Upstream(upstream, token=read_token(upstream_token_file), timeout=timeout, model=upstream_model)
-        api = create_app(client_dir, up, model_name=model_name, max_tokens_limit=max_tokens_limit)
+        if shares is not None:
+            engine = _shares_engine(client_dir, shares, token, timeout)
+            api = create_app(engine.local(), engine, model_name=model_name, max_tokens_limit=max_tokens_limit)
+        else:
+            up = Upstream(upstream, token=token, timeout=timeout, model=upstream_model)
+            api = create_app(client_dir, up, model_name=model_name, max_tokens_limit=max_tokens_limit)
     except (InvalidBundle, InvalidKey, OSError, ValueError) as e:
         fail(str(e))
-    listen(api, host, port, "proxy", f"model {api.state.model_name}, upstream {upstream}")
+    listen(api, host, port, "proxy", f"model {api.state.model_name}, {'upstream ' + upstream if upstream else 'share servers ' + shares}")
+
+
+def _shares_model(src: Path, shares: str, token: str | None, timeout: float = 120.0):
+    """P3's side of shares mode: the public model here, connected to both share servers."""
+    from ..shares import Servers, SharesError, SharesModel
+
+    src = embedded(src)
+    addresses = [a.strip() for a in shares.split(",") if a.strip()]
+    try:
+        servers = Servers(addresses, token=token, timeout=timeout)
+    except (ValueError, ConnectionError, SharesError) as e:
+        fail(str(e))
+    try:
+        return SharesModel(src, servers)
+    except (OSError, ValueError, SharesError) as e:
+        servers.close()
+        fail(str(e))
+
+
+def _shares_engine(src: Path, shares: str, token: str | None, timeout: float):
+    from ..shares.engine import SharesEngine
+
+    return SharesEngine(_shares_model(src, shares, token, timeout))
 
 
 def _client(client_dir: Path, server: str, token_file: Path | None):
@@ -75,15 +108,22 @@ def _run_client(fn):
 def query(
     client_dir: Path = typer.Argument(..., metavar="OUT/client", help="The client folder P1 handed over."),
     items: list[str] = typer.Argument(..., metavar="TEXT...|IMAGE...", help="Texts, or image files for vision models."),
-    server: str = typer.Option(..., "--server", help="The cloud's URL, e.g. http://127.0.0.1:8000"),
+    server: Optional[str] = typer.Option(None, "--server", help="The cloud's URL, e.g. http://127.0.0.1:8000"),
+    shares: Optional[str] = typer.Option(None, "--shares", metavar="S1,S2", help="Shares mode instead: OUT/client is then the public model (or minilm), S1,S2 the share servers' HOST:PORT."),
     token_file: Optional[Path] = typer.Option(None, "--token-file", help="File holding the bearer token."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Query a sealed model as the user (P3): embed and permute locally, send, un-permute.
 
-    Encoders give hidden states and a sentence embedding; classifiers give logits and labels."""
+    Encoders give hidden states and a sentence embedding; classifiers give logits and labels.
+    With --shares, encoders only: each share server sees additive shares of the matmul inputs."""
     import json
 
+    if (server is None) == (shares is None):
+        fail("give --server (STIP) or --shares (shares mode), not both")
+    if shares is not None:
+        _query_shares(client_dir, items, shares, read_token(token_file), as_json)
+        return
     c = _client(client_dir, server, token_file)
     with c:
         info = _run_client(c.info)
@@ -110,11 +150,39 @@ def query(
         err.print(f"{s.requests} request(s), {s.bytes_up} B up, {s.bytes_down} B down, cloud {s.server_seconds * 1e3:.1f} ms, client {s.client_seconds * 1e3:.1f} ms")
 
 
+def _stats_line(st) -> str:
+    return (f"{st.rounds} round trips; S1 {st.bytes_up[0]:,} B up, {st.bytes_down[0]:,} B down; S2 {st.bytes_up[1]:,} B up, "
+            f"{st.bytes_down[1]:,} B down; waiting {st.wait_seconds * 1e3:.0f} ms")
+
+
+def _query_shares(src: Path, texts: list[str], shares: str, token: str | None, as_json: bool) -> None:
+    import json
+
+    from ..shares import SharesError
+
+    m = _shares_model(src, shares, token)
+    with m.servers:
+        try:
+            r = m.encode(texts)
+        except (SharesError, ConnectionError, ValueError) as e:
+            fail(str(e))
+        lengths = r.attention_mask.sum(1).tolist()
+        if as_json:
+            hidden = [h[:n].tolist() for h, n in zip(r.last_hidden_state, lengths)]
+            print(json.dumps({"last_hidden_state": hidden, "embedding": r.embedding.tolist()}))
+        else:
+            for item, e, n in zip(texts, r.embedding, lengths):
+                head = ", ".join(f"{v:+.4f}" for v in e[:4].tolist())
+                out.print(f"{n:>4} tokens  [{head}, …] ({e.numel()} dims)  {item}", highlight=False, soft_wrap=True)
+        err.print(_stats_line(m.servers.stats))
+
+
 @app.command()
 def generate(
     client_dir: Path = typer.Argument(..., metavar="OUT/client", help="The client folder P1 handed over."),
     prompt: Optional[str] = typer.Argument(None, help="The prompt text."),
-    server: str = typer.Option(..., "--server", help="The cloud's URL."),
+    server: Optional[str] = typer.Option(None, "--server", help="The cloud's URL."),
+    shares: Optional[str] = typer.Option(None, "--shares", metavar="S1,S2", help="Shares mode instead: OUT/client is then the public model (or smollm2), S1,S2 the share servers' HOST:PORT."),
     token_file: Optional[Path] = typer.Option(None, "--token-file", help="File holding the bearer token."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
     greedy: bool = typer.Option(False, "--greedy", help="Pick the most likely token (the default unless a sampling option is given)."),
@@ -125,7 +193,8 @@ def generate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Generate text from a sealed causal LM as the user (P3), one round trip per token;
-    sampling happens locally, the KV cache stays in the cloud."""
+    sampling happens locally, the KV cache stays in the cloud. With --shares: P3 runs the
+    public model with the share servers (~4 round trips per layer), KV cache here."""
     import json
 
     sampling = any(v is not None for v in (temperature, top_p, seed))
@@ -137,6 +206,12 @@ def generate(
         prompt_in = [int(t) for t in ids.split(",")] if ids is not None else prompt
     except ValueError:
         fail("--ids takes comma-separated integers")
+    if (server is None) == (shares is None):
+        fail("give --server (STIP) or --shares (shares mode), not both")
+    if shares is not None:
+        _generate_shares(client_dir, prompt_in, shares, read_token(token_file), max_new_tokens, temperature if sampling else 0.0,
+                         top_p if top_p is not None else 1.0, seed, as_json)
+        return
     c = _client(client_dir, server, token_file)
     with c:
         r = _run_client(
@@ -155,6 +230,29 @@ def generate(
             out.print(r.text if r.text is not None else " ".join(map(str, r.token_ids)), highlight=False, soft_wrap=True)
         s = c.stats
         err.print(f"{len(r.token_ids)} tokens, {s.requests} round trips, {s.bytes_up} B up, {s.bytes_down} B down")
+
+
+def _generate_shares(src, prompt, shares, token, max_new_tokens, temperature, top_p, seed, as_json) -> None:
+    import json
+
+    from ..shares import SharesError
+
+    m = _shares_model(src, shares, token)
+    with m.servers:
+        try:
+            ids = prompt if isinstance(prompt, list) else m.tokenizer(prompt)["input_ids"]
+            eos = getattr(m.config, "eos_token_id", None)
+            stop = set(eos if isinstance(eos, list) else [eos]) - {None}
+            g = m.generate(ids, max_new_tokens, temperature=temperature if temperature is not None else 1.0, top_p=top_p,
+                           seed=seed, stop=stop)  # fmt: skip
+        except (SharesError, ConnectionError, ValueError) as e:
+            fail(str(e))
+        text = m.tokenizer.decode(g.token_ids, skip_special_tokens=True) if isinstance(prompt, str) else None
+        if as_json:
+            print(json.dumps({"text": text, "token_ids": g.token_ids}))
+        else:
+            out.print(text if text is not None else " ".join(map(str, g.token_ids)), highlight=False, soft_wrap=True)
+        err.print(f"{len(g.token_ids)} tokens; " + _stats_line(m.servers.stats))
 
 
 @app.command()

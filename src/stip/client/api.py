@@ -256,7 +256,7 @@ class Client:
             logits = b.unpermute_outputs({"logits": permuted_logits})["logits"][0]
             if greedy:
                 return int(logits.argmax())
-            return _sample(logits, temperature, top_p, gen)
+            return sample(logits, temperature, top_p, gen)
 
         out, meta = self._post("/v1/sessions", {"embeddings": self._local(embed, ids, 0)})
         sid = meta["session"]
@@ -283,7 +283,8 @@ class Client:
             return False
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
+def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
+    """One token id from real logits: temperature, then nucleus (top-p) sampling."""
     probs = torch.softmax(logits.double() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)

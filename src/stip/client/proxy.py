@@ -26,7 +26,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Literal, Union
+from typing import AsyncIterator, Callable, Literal, Union
 
 import httpx
 from fastapi import FastAPI, Request
@@ -259,22 +259,42 @@ def _stops(stop: str | list[str] | None) -> list[str]:
 # --- the app -----------------------------------------------------------------------------------------
 
 
+@dataclass
+class Local:
+    """What the proxy reads from the user's folder: tokenizer and config, and how token ids
+    are named towards the engine (π_c for a token-mode sealing; unchanged in shares mode,
+    where the engine is P3's own loop)."""
+
+    folder: Path
+    config: object
+    fingerprint: str
+    vocab: int
+    rename_ids: Callable[[list[int]], list[int]] = list
+    restore_ids: Callable[[list[int]], list[int]] = list
+
+    @classmethod
+    def sealed(cls, client_dir: str | Path) -> "Local":
+        bundle = ClientBundle.load(client_dir)
+        if bundle.mode != TOKENS:
+            raise ValueError(f"{client_dir} was sealed in {bundle.mode} mode; the proxy serves token-mode sealings (stip seal --mode tokens)")
+        return cls(Path(client_dir), bundle.config, bundle.fingerprint, len(bundle.key.pi_c), bundle.rename_ids, bundle.restore_ids)
+
+
 def create_app(
-    client_dir: str | Path, upstream: Upstream, *, model_name: str | None = None, max_tokens_limit: int | None = None
+    local: Local | str | Path, upstream: Upstream, *, model_name: str | None = None, max_tokens_limit: int | None = None
 ) -> FastAPI:
-    """The proxy for one token-mode client folder. ``max_tokens_limit`` caps what a request
-    may ask for (default: the model's context)."""
+    """The proxy for one token-mode client folder (or a `Local` with any engine that has
+    Upstream's ``served_model``, ``generate`` and ``close``). ``max_tokens_limit`` caps what a
+    request may ask for (default: the model's context)."""
     from transformers import AutoTokenizer
 
-    bundle = ClientBundle.load(client_dir)
-    if bundle.mode != TOKENS:
-        raise ValueError(f"{client_dir} was sealed in {bundle.mode} mode; the proxy serves token-mode sealings (stip seal --mode tokens)")
-    tokenizer = AutoTokenizer.from_pretrained(client_dir, local_files_only=True)
-    vocab = len(bundle.key.pi_c)
-    name = model_name or bundle.config.model_type + "-" + bundle.fingerprint[:8]
-    eos = getattr(bundle.config, "eos_token_id", None)
+    local = local if isinstance(local, Local) else Local.sealed(local)
+    tokenizer = AutoTokenizer.from_pretrained(local.folder, local_files_only=True)
+    vocab = local.vocab
+    name = model_name or local.config.model_type + "-" + local.fingerprint[:8]
+    eos = getattr(local.config, "eos_token_id", None)
     eos_ids = [e for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int)]
-    max_positions = getattr(bundle.config, "max_position_embeddings", None) or getattr(bundle.config, "n_positions", None)
+    max_positions = getattr(local.config, "max_position_embeddings", None) or getattr(local.config, "n_positions", None)
     created = int(time.time())
 
     app = FastAPI(
@@ -348,7 +368,7 @@ def create_app(
         if req.min_tokens > max_tokens:
             raise ProxyError(400, "min_tokens exceeds max_tokens", param="min_tokens")
         body = {
-            "prompt": bundle.rename_ids(ids),
+            "prompt": local.rename_ids(ids),
             "max_tokens": max_tokens,
             "temperature": req.temperature,
             "top_p": req.top_p,
@@ -358,7 +378,7 @@ def create_app(
             "skip_special_tokens": False,
         }
         if eos_ids and not req.ignore_eos:
-            body["stop_token_ids"] = bundle.rename_ids(eos_ids)
+            body["stop_token_ids"] = local.rename_ids(eos_ids)
         if req.seed is not None:
             body["seed"] = req.seed
         return body
@@ -366,13 +386,13 @@ def create_app(
     async def run(req: _Sampling, ids: list[int], max_tokens: int | None) -> AsyncIterator[tuple[str, str | None, list[int]]]:
         """(text delta, finish reason or None, the new real ids) as the engine goes."""
         body = upstream_body(req, ids, max_tokens)
-        body["model"] = await upstream.served_model(bundle.fingerprint)
+        body["model"] = await upstream.served_model(local.fingerprint)
         detok = Detokenizer(tokenizer, _stops(req.stop))
         finish = None
         gen = upstream.generate(body)
         try:
             async for new, reason in gen:
-                real = bundle.restore_ids(new)
+                real = local.restore_ids(new)
                 delta = detok.add(real)
                 if detok.stopped:
                     finish = "stop"

@@ -1,3 +1,3 @@
 """The two-party MPC baseline on SecretFlow SPU: one JAX transformer forward (`model`),
-weights from `transformers` (`weights`), simulation (`runner`), real parties (`parties`),
+config and weights from `transformers` (`stip.models.blocks`), simulation (`runner`), real parties (`parties`),
 network emulation (`netem`)."""

@@ -12,7 +12,7 @@ from . import netem
 from .model import truncate
 from .parties import run_parties
 from .runner import CostReport, simulate
-from .weights import embed, from_hf
+from ..models.blocks import embed, from_hf
 
 
 @dataclass

@@ -12,69 +12,13 @@ from embeddings.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..models.blocks import Config
+
 NEG = -1e4  # additive mask: large enough to zero a softmax weight, small enough for fixed point
-KINDS = ("softmax", "relu_softmax", "scaling", "poly")
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "poly")
-
-
-@dataclass(frozen=True)
-class Config:
-    hidden: int
-    layers: int
-    heads: int
-    head_dim: int
-    ffn: int
-    kv_heads: int | None = None
-    prenorm: bool = True  # False: BERT's post-LN blocks
-    norm: str = "layer"  # "layer" | "rms" | "none" (BatchNorm, folded into the next linear map)
-    eps: float = 1e-12
-    embed_norm: bool = False  # BERT normalises the embedding sum
-    final_norm: bool = True
-    activation: str = "gelu"
-    glu: bool = False  # SwiGLU: act(x W_gate) * (x W_up)
-    attention: str | tuple = "softmax"  # one kind, or per layer a tuple of per-head kinds
-    causal: bool = False
-    rope_theta: float | None = None
-    # None | "first_token" (ViT classifier) | "every_token" (LM head) | "token_sum" (a mean pool
-    # whose 1/n is folded into the head weights)
-    head: str | None = None
-    # coefficients c0 + c1 x + … for "poly" activations; or one such tuple per layer
-    poly_act: tuple = ()
-    poly_attn: tuple = ()  # the same for "poly" attention scores
-    attn_scale: str = "none"  # poly attention: divide by "none" | "sqrt_n" | "n"
-    # MPCViT+: per layer, the token rows whose MLP activation is kept; the others are identity
-    act_rows: tuple[tuple[int, ...], ...] | None = None
-
-    def __post_init__(self):
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation {self.activation!r} is not one of {ACTIVATIONS}")
-        for kind in self.head_kinds(0) if self.layers else ():
-            for k in (kind,) if isinstance(kind, str) else kind:  # a head may list one kind per row
-                if k not in KINDS:
-                    raise ValueError(f"attention kind {k!r} is not one of {KINDS}")
-
-    @property
-    def n_kv(self) -> int:
-        return self.kv_heads or self.heads
-
-    def head_kinds(self, layer: int) -> tuple[str, ...]:
-        if isinstance(self.attention, str):
-            return (self.attention,) * self.heads
-        kinds = tuple(self.attention[layer])
-        if len(kinds) != self.heads:
-            raise ValueError(f"layer {layer} lists {len(kinds)} attention kinds for {self.heads} heads")
-        return kinds
-
-    def with_layers(self, k: int) -> "Config":
-        kinds = self.attention if isinstance(self.attention, str) else tuple(self.attention[:k])
-        rows = None if self.act_rows is None else self.act_rows[:k]
-        return replace(self, layers=k, attention=kinds, act_rows=rows)
 
 
 # --- the forward --------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
-"""Start ``stip serve`` (or ``stip proxy``) as a real subprocess on a free loopback port
-(demo, tests, benchmarks).
+"""Start ``stip serve`` (or ``stip proxy``, ``stip share-server``) as a real subprocess on a
+free loopback port (demo, tests, benchmarks).
 
     with ServerProcess(out / "server", token_file=f) as srv:
         Client(out / "client", srv.url, token=token)
     with ServerProcess(out / "client", "--upstream", engine.url, command="proxy") as proxy:
         openai.OpenAI(base_url=proxy.url + "/v1", api_key="-")
+    with ServerProcess("minilm", command="share-server") as s1:   # s1.url: tcp://127.0.0.1:PORT
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ class ServerProcess:
             prefix = ready_line(self.command)
             if line.startswith(prefix):
                 url = line[len(prefix):].split()[0]
+                if self.command not in HEALTH:  # a raw TCP server: listening is ready
+                    return url
                 while time.monotonic() < deadline:  # listening; wait until it answers
                     try:
                         if httpx.get(f"{url}{HEALTH[self.command]}", timeout=2).status_code == 200:

@@ -1,4 +1,6 @@
-"""Config and weights for `stip.mpc.model` from the same `transformers` models STIP seals.
+"""A transformer's blocks as plain data: a `Config` and float32 weights, read once from the
+`transformers` models STIP seals, for every walk that is not the HF model itself (the MPC
+forward in `stip.mpc.model`, P3's walk in shares mode in `stip.shares.walk`).
 
     cfg, params = from_hf(model)             # BERT, GPT-2, LLaMA/Qwen2/Mistral, ViT
     x = embed(model, input_ids=…)            # the user's side: embeddings before layer 0
@@ -8,10 +10,67 @@ Weights are float32 numpy arrays, laid out for ``x @ W`` (in, out).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import numpy as np
 import torch
 
-from .model import Config
+KINDS = ("softmax", "relu_softmax", "scaling", "poly")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "poly")
+
+
+@dataclass(frozen=True)
+class Config:
+    hidden: int
+    layers: int
+    heads: int
+    head_dim: int
+    ffn: int
+    kv_heads: int | None = None
+    prenorm: bool = True  # False: BERT's post-LN blocks
+    norm: str = "layer"  # "layer" | "rms" | "none" (BatchNorm, folded into the next linear map)
+    eps: float = 1e-12
+    embed_norm: bool = False  # BERT normalises the embedding sum
+    final_norm: bool = True
+    activation: str = "gelu"
+    glu: bool = False  # SwiGLU: act(x W_gate) * (x W_up)
+    attention: str | tuple = "softmax"  # one kind, or per layer a tuple of per-head kinds
+    causal: bool = False
+    rope_theta: float | None = None
+    # None | "first_token" (ViT classifier) | "every_token" (LM head) | "token_sum" (a mean pool
+    # whose 1/n is folded into the head weights)
+    head: str | None = None
+    # coefficients c0 + c1 x + … for "poly" activations; or one such tuple per layer
+    poly_act: tuple = ()
+    poly_attn: tuple = ()  # the same for "poly" attention scores
+    attn_scale: str = "none"  # poly attention: divide by "none" | "sqrt_n" | "n"
+    # MPCViT+: per layer, the token rows whose MLP activation is kept; the others are identity
+    act_rows: tuple[tuple[int, ...], ...] | None = None
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation {self.activation!r} is not one of {ACTIVATIONS}")
+        for kind in self.head_kinds(0) if self.layers else ():
+            for k in (kind,) if isinstance(kind, str) else kind:  # a head may list one kind per row
+                if k not in KINDS:
+                    raise ValueError(f"attention kind {k!r} is not one of {KINDS}")
+
+    @property
+    def n_kv(self) -> int:
+        return self.kv_heads or self.heads
+
+    def head_kinds(self, layer: int) -> tuple[str, ...]:
+        if isinstance(self.attention, str):
+            return (self.attention,) * self.heads
+        kinds = tuple(self.attention[layer])
+        if len(kinds) != self.heads:
+            raise ValueError(f"layer {layer} lists {len(kinds)} attention kinds for {self.heads} heads")
+        return kinds
+
+    def with_layers(self, k: int) -> "Config":
+        kinds = self.attention if isinstance(self.attention, str) else tuple(self.attention[:k])
+        rows = None if self.act_rows is None else self.act_rows[:k]
+        return replace(self, layers=k, attention=kinds, act_rows=rows)
 
 
 def _np(t) -> np.ndarray:
@@ -34,7 +93,7 @@ def from_hf(model) -> tuple[Config, dict]:
     mt = model.config.model_type
     loader = {"bert": _bert, "gpt2": _gpt2, "llama": _llama, "qwen2": _llama, "mistral": _llama, "vit": _vit}.get(mt)
     if loader is None:
-        raise ValueError(f"no MPC loader for model_type {mt!r} (supported: bert, gpt2, llama, qwen2, mistral, vit)")
+        raise ValueError(f"no block loader for model_type {mt!r} (supported: bert, gpt2, llama, qwen2, mistral, vit)")
     return loader(model)
 
 
@@ -130,21 +189,22 @@ def _vit(model):
 
 
 @torch.no_grad()
-def embed(model, **inputs) -> np.ndarray:
-    """The user's side: what enters layer 0 (the same cut as STIP's client)."""
+def embed(model, position_offset: int = 0, **inputs) -> np.ndarray:
+    """The user's side: what enters layer 0 (the same cut as STIP's client). With a KV cache,
+    ``position_offset`` is the number of positions already seen."""
     mt = model.config.model_type
     if mt == "bert":
         e = (model.bert if hasattr(model, "bert") else model).embeddings
         ids = inputs["input_ids"]
-        pos = torch.arange(ids.shape[1])
+        pos = torch.arange(position_offset, position_offset + ids.shape[1])
         x = e.word_embeddings(ids) + e.position_embeddings(pos) + e.token_type_embeddings(torch.zeros_like(ids))
     elif mt == "gpt2":
         ids = inputs["input_ids"]
-        x = model.transformer.wte(ids) + model.transformer.wpe(torch.arange(ids.shape[1]))
+        x = model.transformer.wte(ids) + model.transformer.wpe(torch.arange(position_offset, position_offset + ids.shape[1]))
     elif mt in ("llama", "qwen2", "mistral"):
         x = model.model.embed_tokens(inputs["input_ids"])
     elif mt == "vit":
         x = (model.vit if hasattr(model, "vit") else model).embeddings(inputs["pixel_values"])
     else:
-        raise ValueError(f"no MPC embedding for model_type {mt!r}")
+        raise ValueError(f"no embedding for model_type {mt!r}")
     return _np(x)

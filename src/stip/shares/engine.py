@@ -1,0 +1,80 @@
+"""Shares mode behind `stip proxy`: the engine is P3's own loop with two share servers.
+
+The proxy hands it the same body it would send vLLM (prompt ids, max_tokens, sampling,
+stop ids) and reads (new ids, finish reason) back as tokens come. One generation runs at a
+time: the two connections carry one walk.
+
+    engine = SharesEngine(SharesModel("smollm2", Servers([s1, s2])))
+    app = create_app(engine.local(), engine)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import AsyncIterator
+
+from ..client.proxy import Local, ProxyError
+from .client import SharesError, SharesModel
+
+
+class _Stopped(Exception):
+    pass
+
+
+class SharesEngine:
+    def __init__(self, model: SharesModel):
+        self.model = model
+        self.lock = asyncio.Lock()
+
+    def local(self) -> Local:
+        cfg = self.model.config
+        fingerprint = self.model.servers.hellos[0].get("exponents", "")
+        return Local(self.model.path, cfg, fingerprint, cfg.vocab_size)
+
+    async def served_model(self, fingerprint: str) -> str:
+        return self.model.servers.model
+
+    async def generate(self, body: dict) -> AsyncIterator[tuple[list[int], str | None]]:
+        """Stream (new ids, finish reason); leaving the loop early stops the walk."""
+        loop, queue, stop = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
+        eos = set() if body.get("ignore_eos") else set(body.get("stop_token_ids") or [])
+
+        def on_token(token: int) -> None:
+            if stop.is_set():
+                raise _Stopped
+            loop.call_soon_threadsafe(queue.put_nowait, ("token", token))
+
+        def walk() -> None:
+            try:
+                g = self.model.generate(
+                    list(body["prompt"]), body["max_tokens"], temperature=body.get("temperature", 1.0),
+                    top_p=body.get("top_p", 1.0), seed=body.get("seed"), stop=eos, min_tokens=body.get("min_tokens", 0),
+                    on_token=on_token,
+                )  # fmt: skip
+                reason = "stop" if g.token_ids and g.token_ids[-1] in eos else "length"
+                loop.call_soon_threadsafe(queue.put_nowait, ("done", reason))
+            except _Stopped:
+                loop.call_soon_threadsafe(queue.put_nowait, ("done", None))
+            except (SharesError, ConnectionError, OSError, ValueError) as e:
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
+
+        async with self.lock:
+            task = loop.run_in_executor(None, walk)
+            try:
+                while True:
+                    kind, value = await queue.get()
+                    if kind == "token":
+                        yield [value], None
+                    elif kind == "done":
+                        if value is not None:
+                            yield [], value
+                        return
+                    else:
+                        raise ProxyError(502, f"shares mode: {value}", "upstream_error")
+            finally:
+                stop.set()
+                await task
+
+    async def close(self) -> None:
+        self.model.servers.close()

@@ -1,0 +1,270 @@
+"""Shares mode: the ring arithmetic is exact, every family walks to the plaintext outputs,
+the share servers (real subprocesses) serve MiniLM and SmolLM2 losslessly, `stip proxy
+--shares` serves the openai client, bad input is refused, and a server's view is uniform and
+useless to the attack suite."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import openai
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from stip import wire
+from stip.attacks import shares as attacks
+from stip.models import chat
+from stip.serve.process import ServerProcess
+from stip.shares import Servers, SharesError, SharesModel, ShareServer, protocol, ring
+
+import harness
+
+# --- the ring --------------------------------------------------------------------------------------
+
+
+@settings(max_examples=40)
+@given(rows=st.integers(1, 4), d=st.integers(1, 300), m=st.integers(1, 6), limbs=st.sampled_from([2, 3]),
+       scale=st.floats(-4, 3), seed=st.integers(0, 2**32 - 1))  # fmt: skip
+def test_ring_matmul_is_exact_mod_2_64(rows, d, m, limbs, scale, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-(2**63), 2**63, (rows, d), dtype=np.int64)
+    w = ring.Weight.encode(rng.standard_normal((d, m)) * 10.0**scale, limbs)
+    want = [[sum(int(a) * int(b) for a, b in zip(x[i], w.w[:, j].astype(np.int64))) % 2**64 for j in range(m)]
+            for i in range(rows)]  # fmt: skip
+    assert ring.matmul(x, w).view(np.uint64).tolist() == want
+
+
+def test_the_exactness_bound_holds_at_its_limit():
+    """Columns at the largest mass the encoding allows, limbs at their extremes."""
+    for limbs in (2, 3):
+        w = ring.Weight.encode(np.full((4096, 3), 7.0), limbs)
+        assert np.abs(w.w).sum(0).max() <= 2.0**ring._mass(limbs)
+        x = np.array([[-(2**63)] * 4096, [2**63 - 1] * 4096], dtype=np.int64)
+        col = int(w.w[0, 0])
+        want = [(int(v) * col * 4096) % 2**64 for v in (-(2**63), 2**63 - 1)]
+        assert ring.matmul(x, w)[:, 0].view(np.uint64).tolist() == want
+
+
+def test_shares_reconstruct_x_times_w():
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((5, 64)) * 30, rng.standard_normal((64, 8)) * 0.05
+    weight = ring.Weight.encode(w)
+    enc, rows = ring.encode(x)
+    a, b = ring.share(enc)
+    assert not np.array_equal(a, ring.share(enc)[0])  # fresh masks every time
+    y = ring.decode(ring.reconstruct(ring.matmul(a, weight), ring.matmul(b, weight)), rows, weight.exponents)
+    assert np.abs(y - x @ w).max() < 1e-6 * np.abs(x @ w).max()
+    with pytest.raises(ring.RangeError):
+        ring.encode(np.array([[1.0, np.nan]]))
+
+
+# --- every family, through the one harness ------------------------------------------------------------
+
+
+@settings(max_examples=6)
+@given(harness.text_shape())
+def test_bert_walks_losslessly(s):
+    harness.assert_equivalent(harness.bert_case(s, "BertModel"), run=harness.run_shares)
+
+
+@settings(max_examples=6)
+@given(harness.text_shape())
+def test_gpt2_walks_losslessly(s):
+    harness.assert_equivalent(harness.gpt2_case(s), run=harness.run_shares)
+
+
+@settings(max_examples=6)
+@given(harness.text_shape(gqa=True), st.sampled_from(["llama", "qwen2"]))
+def test_llama_family_walks_losslessly(s, arch):
+    harness.assert_equivalent(harness.llama_case(s, arch), run=harness.run_shares)
+
+
+def test_generation_with_p3s_cache_equals_the_full_forward():
+    case = harness.llama_case(dict(heads=4, kv_heads=2, head_dim=8, layers=2, ffn=24, vocab=40, batch=1, seq=6,
+                                   lengths=[6], seed=3))  # fmt: skip
+    servers = [ShareServer.from_model(case.model) for _ in range(2)]
+    with servers[0].listen() as a, servers[1].listen() as b, Servers([a.address, b.address]) as conn:
+        p3 = SharesModel(case.model, conn)
+        g = p3.generate([1, 2, 3], 6, keep_logits=True)
+        full = case.model(input_ids=torch.tensor([[1, 2, 3] + g.token_ids])).logits[0, 2:-1]
+        assert torch.allclose(torch.stack(g.logits), full, atol=1e-4)
+        assert g.token_ids == full.argmax(-1).tolist()
+        assert conn.stats.rounds == 4 * 2 + 1 + 5 * (4 * 2 + 1)  # 4 per layer + the head, per step
+
+
+# --- the server refuses what it must ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_server():
+    case = harness.llama_case(dict(heads=2, kv_heads=1, head_dim=4, layers=1, ffn=8, vocab=16, batch=1, seq=2,
+                                   lengths=[2], seed=0))  # fmt: skip
+    with ShareServer.from_model(case.model, token="s3cret").listen() as bound:
+        yield bound
+
+
+def _ask(sock, tensors, meta):
+    protocol.send(sock, wire.encode(tensors, meta))
+    return wire.decode(protocol.recv(sock))
+
+
+def test_server_refuses_bad_requests_and_keeps_the_connection(tiny_server):
+    host, port = protocol.parse_address(tiny_server.address)
+    x = torch.zeros(1, 8, dtype=torch.int64)
+    with socket.create_connection((host, port)) as sock:
+        assert "unauthorised" in _ask(sock, {"x": x}, {"op": "0.qkv"})[1]["error"]
+        assert "unauthorised" in _ask(sock, {}, {"op": "hello", "token": "wrong"})[1]["error"]
+        hello = _ask(sock, {}, {"op": "hello", "token": "s3cret"})[1]
+        assert json.loads(hello["ops"])["0.qkv"] == [8, 16]
+        assert "unknown matmul" in _ask(sock, {"x": x}, {"op": "9.qkv"})[1]["error"]
+        assert "takes" in _ask(sock, {"x": torch.zeros(1, 7, dtype=torch.int64)}, {"op": "0.qkv"})[1]["error"]
+        assert "dtype" in _ask(sock, {"x": torch.zeros(1, 8)}, {"op": "0.qkv"})[1]["error"]
+        assert "missing" in _ask(sock, {}, {"op": "0.qkv"})[1]["error"]
+        assert _ask(sock, {"x": x}, {"op": "0.qkv"})[0]["y"].shape == (1, 16)
+        sock.sendall(b"\x05\x00\x00\x00\x00\x00\x00\x00junk!")  # not a message: an error reply
+        assert "malformed" in wire.decode(protocol.recv(sock))[1]["error"]
+        sock.sendall((1 << 40).to_bytes(8, "little"))  # a frame too large: the server hangs up
+        with pytest.raises(ConnectionError):
+            protocol.recv(sock)
+    with Servers([tiny_server.address, tiny_server.address.replace("127.0.0.1", "localhost")], token="s3cret") as s:
+        assert s.model.startswith("llama-")  # and it still serves new connections
+    with pytest.raises(SharesError, match="unauthorised"):
+        Servers([tiny_server.address, tiny_server.address.replace("127.0.0.1", "localhost")])
+
+
+def test_client_refuses_one_server_twice_and_a_dead_server(tiny_server):
+    with pytest.raises(ValueError, match="two different"):
+        Servers([tiny_server.address, tiny_server.address])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(ConnectionError, match="cannot reach"):
+        Servers([tiny_server.address, dead], token="s3cret")
+
+
+# --- the real models, servers as subprocesses ---------------------------------------------------------
+
+
+def _servers(src, *args):
+    return ServerProcess(src, "--threads", "1", *args, command="share-server", timeout=300)
+
+
+@pytest.mark.slow
+def test_minilm_embeddings_through_two_share_server_processes(minilm_path):
+    from transformers import AutoModel, AutoTokenizer
+
+    from stip.models.default import mean_pool
+
+    texts = ["The quick brown fox jumps over the lazy dog.", "Shares mode hides the input from each server.", "Hi"]
+    tok = AutoTokenizer.from_pretrained(minilm_path)
+    batch = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        h = AutoModel.from_pretrained(minilm_path)(**batch).last_hidden_state
+    ref = torch.nn.functional.normalize(mean_pool(h, batch["attention_mask"]), dim=-1)
+    with _servers(minilm_path) as s1, _servers(minilm_path, "--limbs", "2") as coarse:
+        with pytest.raises(SharesError, match="different models"):  # 2 limbs: other column scales
+            Servers([s1.url, coarse.url])
+        with _servers(minilm_path) as s2:
+            with Servers([s1.url, s2.url]) as conn:
+                got = SharesModel(minilm_path, conn).encode(texts)
+                assert conn.stats.rounds == 6 * 4 and min(conn.stats.bytes_up) > 0
+            cos = (got.embedding * ref).sum(-1)
+            assert cos.min() >= 0.9999, cos
+            r = subprocess.run([sys.executable, "-m", "stip.cli", "query", "minilm", *texts, "--shares", f"{s1.url},{s2.url}", "--json"],
+                               capture_output=True, text=True, timeout=120)  # fmt: skip
+            assert r.returncode == 0, r.stderr
+            emb = torch.tensor(json.loads(r.stdout)["embedding"])
+            assert (emb * ref).sum(-1).min() >= 0.9999
+            assert "24 round trips" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def smollm2_servers():
+    path = chat.path()
+    with _servers(path) as s1, _servers(path) as s2:
+        yield path, s1.url, s2.url
+
+
+@pytest.fixture(scope="module")
+def smollm2_plain(smollm2_servers):
+    from stip.seal import load_source
+
+    return load_source(smollm2_servers[0])
+
+
+def _chat(tok, text):
+    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_is_identical_and_logits_within_1e_3(smollm2_servers, smollm2_plain):
+    """The must-show at test scale (2 prompts × 12 tokens; the benchmark runs 5 × 32)."""
+    path, a, b = smollm2_servers
+    with Servers([a, b]) as conn:
+        p3 = SharesModel(path, conn)
+        for text in ("What is the capital of France?", "Name three primary colours."):
+            prompt = _chat(p3.tokenizer, text)
+            g = p3.generate(prompt, 12, keep_logits=True)
+            with torch.no_grad():
+                ref = smollm2_plain(input_ids=torch.tensor([prompt + g.token_ids])).logits[0, len(prompt) - 1 : -1]
+            assert float((torch.stack(g.logits) - ref).abs().max()) <= 1e-3
+            assert g.token_ids == ref.argmax(-1).tolist()
+
+
+@pytest.mark.slow
+def test_openai_client_through_stip_proxy_in_shares_mode(smollm2_servers, smollm2_plain):
+    from stip.models.hf import greedy
+
+    path, a, b = smollm2_servers
+    with ServerProcess(path, "--shares", f"{a},{b}", command="proxy", timeout=300) as proxy:
+        client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="unused", max_retries=0, timeout=300)
+        model = client.models.list().data[0].id
+        question = "What is the capital of France?"
+        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}], max_tokens=8, temperature=0)
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path)
+        want = greedy(smollm2_plain, [_chat(tok, question)], 8, stop={tok.eos_token_id})[0]
+        assert r.choices[0].message.content == tok.decode(want, skip_special_tokens=True)
+        assert r.usage.completion_tokens == len(want)
+        stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}], max_tokens=8,
+                                                temperature=0, stream=True)  # fmt: skip
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == r.choices[0].message.content
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], max_tokens=10**9)
+
+
+# --- what a server's view gives the attacks --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def minilm_views(minilm_path):
+    from transformers import AutoTokenizer
+
+    from stip.seal import load_source
+
+    model, tok = load_source(minilm_path), AutoTokenizer.from_pretrained(minilm_path)
+    ids = [tok(t)["input_ids"] for t in ("My password is hunter2 and my bank is in Zurich.", "Patient John Smith has diabetes.")]
+    return model, ids, attacks.observe(model, ids)
+
+
+def test_each_servers_bytes_are_uniform_and_the_unshared_encoding_is_not(minilm_views):
+    _, _, views = minilm_views
+    for server in (0, 1):
+        u = attacks.uniformity(views.bytes[server])
+        assert u["bytes"] > 1_000_000 and u["p"] > 1e-4 and u["p_min_position"] > 1e-4 / 8, u
+    control = attacks.uniformity(views.plain)
+    assert control["p"] < 1e-12 and control["p_min_position"] < 1e-12
+
+
+def test_vocabulary_matching_is_at_chance_on_a_share_and_exact_on_the_activations(minilm_views):
+    model, ids, views = minilm_views
+    for server in (0, 1):
+        assert attacks.vocab_input(views, server, model, ids)["rate"] <= 1 / 26  # at most one lucky token
+    assert attacks.vocab_input(attacks.unmasked(views), 0, model, ids)["rate"] == 1.0
