@@ -33,7 +33,8 @@ def benched(tmp_path_factory):
 @pytest.mark.slow
 def test_every_mode_runs_and_agrees_with_plaintext(benched):
     _, r = benched
-    assert [row["mode"] for row in r["rows"]] == ["plain", "stip", "mpc-semi2k", "mpc-cheetah", "he"] and r["skipped"] == []
+    assert [row["mode"] for row in r["rows"]] == ["plain", "stip", "mpc-semi2k", "mpc-cheetah", "he"]
+    assert [(x["mode"], "polynomial ViT" in x["reason"]) for x in r["skipped"]] == [("shares", True)]
     for row in r["rows"]:
         assert row["top1_agreement"] == 1.0 and row["max_abs_error"] < 1e-2, row["mode"]
         assert row["latency_s"] > 0 and row["runs"] >= 1
@@ -71,12 +72,18 @@ def test_report_and_readme_show_the_json_numbers(benched):
     assert "stale" not in readme and report.table(r) in readme and readme.endswith("after\n")
 
 
-def test_a_mode_that_cannot_run_is_skipped_with_its_reason(tmp_path, minilm_path):
+@pytest.mark.slow
+def test_shares_rows_and_a_mode_that_cannot_run_skipped_with_its_reason(tmp_path, minilm_path):
     from stip.bench import run
 
-    r = run(Settings(model=minilm_path, out=tmp_path, tokens=4, modes=("plain", "he"), repeats=1))
-    assert [row["mode"] for row in r["rows"]] == ["plain"]
+    r = run(Settings(model=minilm_path, out=tmp_path, tokens=4, modes=("plain", "shares", "he"), repeats=1, network="lan"))
+    assert [row["mode"] for row in r["rows"]] == ["plain", "shares", "shares-prepared"]
     assert r["skipped"][0]["mode"] == "he" and "polynomial" in r["skipped"][0]["reason"]
+    payload = 6 * 4 * 8 * (3 * 384 + 1536)  # 6 layers, 4 tokens, int64: the inputs of QKV, O, up, down
+    for row in r["rows"][1:]:
+        assert row["rounds"] == 24 and row["max_abs_error"] < 1e-4 and row["top1_agreement"] == 1.0
+        assert payload < row["bytes_up"] < payload + 24 * 200 and row["network_latency_s"] > row["latency_s"]
+    assert "offline" in r["rows"][2]["notes"][0] and "offline" not in r["rows"][1]["notes"][0]
 
 
 def test_bad_settings_fail_with_one_line(tmp_path):

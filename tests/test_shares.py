@@ -97,6 +97,33 @@ def test_generation_with_p3s_cache_equals_the_full_forward():
         assert conn.stats.rounds == 4 * 2 + 1 + 5 * (4 * 2 + 1)  # 4 per layer + the head, per step
 
 
+def test_prepared_masks_move_the_online_phase_to_one_server():
+    case = harness.llama_case(dict(heads=4, kv_heads=2, head_dim=8, layers=2, ffn=24, vocab=40, batch=1, seq=6,
+                                   lengths=[6], seed=5))  # fmt: skip
+    seen = [[], []]
+    servers = [ShareServer.from_model(case.model, observe=lambda op, x, i=i: seen[i].append(op)) for i in range(2)]
+    with servers[0].listen() as a, servers[1].listen() as b, Servers([a.address, b.address]) as conn:
+        p3 = SharesModel(case.model, conn)
+        want = p3.generate([1, 2, 3], 5, keep_logits=True)
+        plan = p3.plan(3, 5)
+        assert len(plan) == 5 * (4 * 2 + 1) and plan[0] == ("0.qkv", 3) and plan[-1] == ("head", 1)
+        conn.prepare(plan)
+        assert conn.offline.rounds == len({name for name, _ in plan}) and conn.offline.bytes_up[1] == 0
+        assert conn.prepared("0.qkv") == 3 + 4 and conn.prepared("head") == 5
+        seen[0].clear(), seen[1].clear()
+        before = conn.stats.copy()
+        got = p3.generate([1, 2, 3], 5, keep_logits=True)
+        online = conn.stats.since(before)
+        assert got.token_ids == want.token_ids
+        assert torch.allclose(torch.stack(got.logits), torch.stack(want.logits), atol=1e-5)
+        assert seen[0] == [] and len(seen[1]) == len(plan) == online.rounds  # S1 idle online
+        assert online.bytes_up[0] == 0 and not any(conn.prepared(name) for name in conn.ops)  # every mask used, once
+        conn.prepare([("0.o", 2)])
+        conn.prepare([("0.o", 2)])
+        r, y = conn._take("0.o", 3)  # across two blocks, in order
+        assert r.shape[0] == y.shape[0] == 3 and conn.prepared("0.o") == 1 and conn._take("0.o", 2) is None
+
+
 # --- the server refuses what it must ------------------------------------------------------------------
 
 
@@ -222,7 +249,7 @@ def test_openai_client_through_stip_proxy_in_shares_mode(smollm2_servers, smollm
     from stip.models.hf import greedy
 
     path, a, b = smollm2_servers
-    with ServerProcess(path, "--shares", f"{a},{b}", command="proxy", timeout=300) as proxy:
+    with ServerProcess(path, "--shares", f"{a},{b}", "--prepare-tokens", "64", command="proxy", timeout=300) as proxy:
         client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="unused", max_retries=0, timeout=300)
         model = client.models.list().data[0].id
         question = "What is the capital of France?"
@@ -250,7 +277,7 @@ def minilm_views(minilm_path):
     from stip.seal import load_source
 
     model, tok = load_source(minilm_path), AutoTokenizer.from_pretrained(minilm_path)
-    ids = [tok(t)["input_ids"] for t in ("My password is hunter2 and my bank is in Zurich.", "Patient John Smith has diabetes.")]
+    ids = [tok(t)["input_ids"] for t in ("My password is hunter2.", "John has diabetes.")]
     return model, ids, attacks.observe(model, ids)
 
 
@@ -258,13 +285,13 @@ def test_each_servers_bytes_are_uniform_and_the_unshared_encoding_is_not(minilm_
     _, _, views = minilm_views
     for server in (0, 1):
         u = attacks.uniformity(views.bytes[server])
-        assert u["bytes"] > 1_000_000 and u["p"] > 1e-4 and u["p_min_position"] > 1e-4 / 8, u
+        assert u["bytes"] > 500_000 and u["passed"] == 1.0, u
     control = attacks.uniformity(views.plain)
-    assert control["p"] < 1e-12 and control["p_min_position"] < 1e-12
+    assert control["p"] < 1e-12 and control["passed"] <= 2 / 9
 
 
 def test_vocabulary_matching_is_at_chance_on_a_share_and_exact_on_the_activations(minilm_views):
     model, ids, views = minilm_views
     for server in (0, 1):
-        assert attacks.vocab_input(views, server, model, ids)["rate"] <= 1 / 26  # at most one lucky token
+        assert attacks.vocab_input(views, server, model, ids)["rate"] <= 1 / 14  # at most one lucky token
     assert attacks.vocab_input(attacks.unmasked(views), 0, model, ids)["rate"] == 1.0

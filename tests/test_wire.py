@@ -16,6 +16,18 @@ def test_round_trip_keeps_values_and_metadata():
     assert meta == {"session": "abc", "length": "3"}
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+                                   torch.int8, torch.uint8, torch.bool])  # fmt: skip
+def test_every_dtype_reads_back_as_safetensors_writes_it(dtype):
+    from safetensors.torch import load, save
+
+    tensors = {"b": (torch.randn(3, 5) * 50).to(dtype), "a": torch.arange(7).to(dtype)[2:], "empty": torch.zeros(0, 4).to(dtype)}
+    blob = wire.encode(tensors, meta={"op": "0.qkv"})
+    for got in (load(blob), wire.decode(blob)[0]):
+        assert got.keys() == tensors.keys() and all(torch.equal(got[k], tensors[k]) for k in tensors)
+    assert load(save(tensors)).keys() == load(blob).keys()
+
+
 def test_float16_is_accepted():
     tensors, _ = wire.decode(wire.encode({"embeddings": torch.randn(1, 2, 4).half()}), SPEC)
     assert tensors["embeddings"].dtype == torch.float16

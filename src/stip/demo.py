@@ -4,6 +4,9 @@ MiniLM: P1 seals the model into a temporary folder and audits it; P2 is ``stip s
 started as a subprocess on a free loopback port, loading only ``server/``; P3 is the Python
 client, loading only ``client/``. The answers are checked against the plaintext model.
 
+Shares mode: two `stip share-server` subprocesses hold the public MiniLM; P3 shares every
+matmul input between them and computes the rest; the embeddings are checked the same way.
+
 Chat: P1 seals SmolLM2-135M-Instruct in token mode; P2 is an unmodified vLLM serving
 ``server/``; P3 is ``stip proxy`` on ``client/``, asked one question by the official openai
 client. The greedy answer must equal plaintext ``transformers`` generation.
@@ -39,6 +42,7 @@ CHAT_TOKENS = 48
 
 def run(out, err, *, chat: bool = True) -> int:
     code = minilm(out, err)
+    code = max(code, shares_step(out, err))
     if chat:
         code = max(code, chat_step(out, err))
     return code
@@ -101,6 +105,42 @@ def chat_step(out, err) -> int:
     out.print(table)
     ok = sealed_answer == plain_answer and not violations
     out.print("[green]identical[/]: the sealed chat model answers as the plaintext one" if ok else "[red]MISMATCH[/] between sealed and plaintext answers")
+    return 0 if ok else 1
+
+
+def shares_step(out, err) -> int:
+    """Shares mode on the public MiniLM: two share servers as subprocesses, P3 in process."""
+    from .models import default
+    from .serve.process import ServerProcess
+    from .shares import Servers, SharesModel
+
+    src = default.path()
+    out.print("\n[bold]Shares mode[/] (public weights): two share servers start [italic]stip share-server minilm[/] …")
+    spawn = lambda: ServerProcess(src, "--threads", "1", command="share-server")  # noqa: E731
+    with spawn() as s1, spawn() as s2, Servers([s1.url, s2.url]) as servers:
+        out.print(f"    S1 {s1.url}, S2 {s2.url}")
+        out.print(f"[bold]P3[/] embeds {len(SENTENCES)} sentences, shares every matmul input between them, computes the rest …")
+        p3 = SharesModel(src, servers)
+        t0 = time.perf_counter()
+        enc = p3.encode(SENTENCES)
+        wall = time.perf_counter() - t0
+        st = servers.stats
+    batch = p3.tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        plain = p3.hf(**batch).last_hidden_state
+    ref = torch.nn.functional.normalize(default.mean_pool(plain, batch["attention_mask"]), dim=-1)
+    cos = float(torch.nn.functional.cosine_similarity(ref, enc.embedding).min())
+    table = Table(title=f"Shares mode over loopback: {default.NAME}, {len(SENTENCES)} sentences", show_header=False)
+    table.add_column("")
+    table.add_column("", justify="right")
+    for k, v in {"min cosine vs plaintext": f"{cos:.7f}", "end to end (P3 wall)": f"{wall * 1e3:.0f} ms",
+                 "round trips (both servers at once)": str(st.rounds),
+                 "bytes up / down, each server": f"{st.bytes_up[0]:,} / {st.bytes_down[0]:,}"}.items():  # fmt: skip
+        table.add_row(k, v)
+    out.print(table)
+    ok = cos >= MIN_COSINE
+    out.print(f"[green]lossless[/]: each server saw only uniform shares; embeddings match plaintext (cosine ≥ {MIN_COSINE})"
+              if ok else "[red]MISMATCH[/]: shares mode disagrees with plaintext")  # fmt: skip
     return 0 if ok else 1
 
 

@@ -37,11 +37,30 @@ class Spec:
     required: bool = True
 
 
-def encode(tensors: dict[str, torch.Tensor], meta: dict[str, object] | None = None) -> bytes:
-    from safetensors.torch import save
+_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.int64: "I64", torch.int32: "I32",
+           torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}  # fmt: skip
 
+
+def encode(tensors: dict[str, torch.Tensor], meta: dict[str, object] | None = None) -> bytes:
+    """Written here rather than by safetensors' ``save``, which costs ~90 µs for a small
+    message: shares mode sends ~120 of them per generated token. ``decode`` reads it back
+    with safetensors, which checks it."""
     meta_str = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (meta or {}).items()}
-    return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=meta_str or None)
+    if any(v.dtype not in _DTYPES for v in tensors.values()):
+        from safetensors.torch import save
+
+        return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=meta_str or None)
+    header, chunks, offset = {}, [], 0
+    for name, t in sorted(tensors.items()):  # safetensors' own order: by name
+        data = t.detach().cpu().contiguous().numpy().tobytes()
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    if meta_str:
+        header["__metadata__"] = meta_str
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-aligned
+    return struct.pack("<Q", len(head)) + head + b"".join(chunks)
 
 
 def decode(blob: bytes, expected: dict[str, Spec] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -1,6 +1,6 @@
 """The figures of docs/threat-model.md: each one an attack run on a sealing of an embedded
-model (MiniLM; SmolLM2 for the ids starting ``llm.``) or of a private variant of it, named by
-an id the document quotes.
+model (MiniLM; SmolLM2 for the ids starting ``llm.``) or of a private variant of it, or on a
+share server's view (SmolLM2, ids starting ``shares.``), named by an id the document quotes.
 
     measure(tmp)                       every figure (about 90 minutes on 2 cores)
     measure(tmp, only={"vocab.public"})
@@ -94,7 +94,7 @@ def _figures(layers=(1, 2)) -> list[tuple[str, str, Callable, str]]:
         ("rekey.vocab", "recovery_rate", lambda s, m: v(s["rekeyed"], m), "stip attack vocab --sealed REKEYED --public MINILM"),
         ("rekey.weights", "recovery_rate", lambda s, m: w(s["rekeyed"], m), "stip attack weights --sealed REKEYED --public MINILM"),
     ]
-    return out + _llm_figures()
+    return out + _llm_figures() + _shares_figures()
 
 
 def _llm_figures() -> list[tuple[str, str, Callable, str]]:
@@ -132,6 +132,18 @@ def _llm_figures() -> list[tuple[str, str, Callable, str]]:
     return out
 
 
+def _shares_figures() -> list[tuple[str, str, Callable, str]]:
+    """Shares mode on SmolLM2 (public weights): every attack on each server's view, on fresh
+    noise (chance) and on the unmasked activations (the attack working); byte uniformity."""
+    command = "stip attack shares --public smollm2 --text PROMPT_1 --text PROMPT_2 --text PROMPT_3"
+    run = lambda s, m: scenario.shares(m, CHAT_PROMPTS)  # noqa: E731
+    out = []
+    for attack in ("vocab.input", "vocab.layers1", "vocab.layers2", "frequency"):
+        out += [(f"shares.{attack}.{view}", f"{attack}.{view}", run, command) for view in ("s1", "s2", "noise", "unmasked")]
+    out += [(f"shares.uniform.{view}", f"uniform.{view}", run, command) for view in ("s1", "s2", "unmasked")]
+    return out
+
+
 IDS = tuple(f[0] for f in _figures())
 
 
@@ -147,7 +159,7 @@ def measure(tmp: str | Path, only: set[str] | None = None, layers=(1, 2), log=la
             continue
         t0 = time.perf_counter()
         if command not in cache:
-            cache[command] = run(sealings, sources["smollm2" if fid.startswith("llm.") else "minilm"]()).to_json()
+            cache[command] = run(sealings, sources["smollm2" if fid.startswith(("llm.", "shares.")) else "minilm"]()).to_json()
         r = cache[command]
         out[fid] = {"value": r[key], "n": r["n"], "seconds": round(time.perf_counter() - t0, 1), "command": command, "result": r}
         log(fid, out[fid])

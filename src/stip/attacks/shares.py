@@ -20,6 +20,7 @@ import torch
 from . import frequency as frequency_, vocab as vocab_
 
 SAMPLE_BYTES = 1 << 25  # per server, the bytes kept for the uniformity test (32 MiB)
+ALPHA = 1e-4  # a chi-square test passes above this p-value: 9 tests on uniform bytes all pass 99.9 % of the time
 
 
 @dataclass
@@ -86,7 +87,8 @@ def as_float(x: np.ndarray) -> torch.Tensor:
 def uniformity(chunks: list[np.ndarray]) -> dict:
     """Chi-square tests that the bytes are uniform: all bytes pooled (255 degrees of freedom),
     and each of the 8 byte positions of a ring element alone (a fixed-point encoding fails
-    there first: its high bytes are 0x00 or 0xFF). Returns the statistics and p-values."""
+    there first: its high bytes are 0x00 or 0xFF). Returns the statistics, p-values, and the
+    share of the 9 tests passed at ``ALPHA``."""
     from scipy.stats import chi2
 
     data = np.concatenate([c.reshape(-1) for c in chunks]) if chunks else np.zeros(0, np.int64)
@@ -100,16 +102,17 @@ def uniformity(chunks: list[np.ndarray]) -> dict:
         e = len(octets) / 256
         by_position.append(float(((c - e) ** 2 / e).sum()))
     p_positions = [float(chi2.sf(s, 255)) for s in by_position]
-    return {"bytes": int(octets.size), "chi2": stat, "p": float(chi2.sf(stat, 255)),
-            "p_min_position": min(p_positions), "p_positions": p_positions}  # fmt: skip
+    p = float(chi2.sf(stat, 255))
+    return {"bytes": int(octets.size), "chi2": stat, "p": p, "p_min_position": min(p_positions), "p_positions": p_positions,
+            "passed": sum(x > ALPHA for x in [p, *p_positions]) / 9}  # fmt: skip
 
 
 class _Reached(Exception):
     pass
 
 
-def first_inputs(public, position: int) -> torch.Tensor:
-    """Every token's row as the first matmul would receive it, alone at ``position``: what the
+def first_inputs(public, positions) -> dict[int, torch.Tensor]:
+    """Every token's row as the first matmul would receive it, alone at each position: what the
     server's layer-0 rows would be in the clear (the embedding, normalised as the model does)."""
     from ..models.blocks import embed, from_hf
     from ..shares.walk import Walk
@@ -119,29 +122,35 @@ def first_inputs(public, position: int) -> torch.Tensor:
     def stop(_name, x):
         raise _Reached(x)
 
-    ids = torch.arange(public.get_input_embeddings().num_embeddings)[:, None]
-    try:
-        Walk(cfg, params, stop).forward(torch.from_numpy(embed(public, position_offset=position, input_ids=ids)))
-    except _Reached as r:
-        return r.args[0]
-    raise AssertionError("the walk made no matmul")
+    ids, out = torch.arange(public.get_input_embeddings().num_embeddings)[:, None], {}
+    for t in positions:
+        try:
+            Walk(cfg, params, stop).forward(torch.from_numpy(embed(public, position_offset=t, input_ids=ids)))
+        except _Reached as r:
+            out[t] = r.args[0]
+    return out
+
+
+def _nearest_tokens(views: Views, server: int, public) -> list[list[int]]:
+    """Each layer-0 row's nearest token by cosine (blind to P3's per-row scales), among every
+    token's layer-0 row at that position."""
+    position_free = public.config.model_type in ("llama", "qwen2", "mistral")  # RoPE comes after: rows ignore the position
+    reqs = views.rows[server]
+    needed = {0} if position_free else set(range(max((len(r[0]) for r in reqs), default=0)))
+    cands = {t: torch.nn.functional.normalize(c, dim=-1) for t, c in first_inputs(public, sorted(needed)).items()}
+    found = []
+    for req in reqs:
+        rows = torch.nn.functional.normalize(as_float(req[0]), dim=-1)
+        found.append([int((cands[0 if position_free else t] @ row).argmax()) for t, row in enumerate(rows)])
+    return found
 
 
 def vocab_input(views: Views, server: int, public, truth: list[list[int]]) -> dict:
-    """Vocabulary matching on the rows the server received for layer 0: each row's nearest
-    candidate, by cosine (blind to P3's per-row scales), among every token's layer-0 row at that
-    position. On the unmasked rows (``unmasked``) this recovers every token."""
-    cands: dict[int, torch.Tensor] = {}
-    position_free = public.config.model_type in ("llama", "qwen2", "mistral")  # RoPE: the rows ignore the position
-    hits = total = 0
-    for req, ids in zip(views.rows[server], truth):
-        rows = torch.nn.functional.normalize(as_float(req[0]), dim=-1)
-        for t, (row, want) in enumerate(zip(rows, ids)):
-            key = 0 if position_free else t
-            if key not in cands:
-                cands[key] = torch.nn.functional.normalize(first_inputs(public, key), dim=-1)
-            hits += int(int((cands[key] @ row).argmax()) == want)
-            total += 1
+    """Vocabulary matching on the rows the server received for layer 0 (``_nearest_tokens``).
+    On the unmasked rows (``unmasked``) this recovers every token."""
+    found = _nearest_tokens(views, server, public)
+    hits = sum(a == b for f, t in zip(found, truth) for a, b in zip(f, t))
+    total = sum(map(len, truth))
     return {"rate": hits / total, "n": total, "chance": 1 / public.get_input_embeddings().num_embeddings}
 
 
@@ -178,16 +187,52 @@ def frequency(views: Views, server: int, public, truth: list[list[int]], referen
     """Frequency analysis: the server has no ids, so it makes its own — each layer-0 row's
     nearest token, as ``vocab_input`` finds it — and maps those symbols to tokens by unigram
     and bigram statistics against the attacker's own reference text."""
-    position_free = public.config.model_type in ("llama", "qwen2", "mistral")
-    cands: dict[int, torch.Tensor] = {}
-    observed = []
-    for req in views.rows[server]:
-        rows, symbols = torch.nn.functional.normalize(as_float(req[0]), dim=-1), []
-        for t, row in enumerate(rows):
-            key = 0 if position_free else t
-            if key not in cands:
-                cands[key] = torch.nn.functional.normalize(first_inputs(public, key), dim=-1)
-            symbols.append(int((cands[key] @ row).argmax()))
-        observed.append(symbols)
+    observed = _nearest_tokens(views, server, public)
     mapping = frequency_.solve(observed, reference)
     return {"rate": frequency_.recovered(mapping, observed, truth), "n": sum(map(len, truth)), "requests": len(truth)}
+
+
+def suite(public_src, texts, layers=(1, 2), requests: int = 100, proposals: int = 64, reference: int = 1000,
+          log=lambda _msg: None) -> dict:
+    """Every attack on S1's view, S2's view, fresh noise (the control at chance) and the
+    unmasked activations (the control that shows the attack reads the view right), plus the
+    uniformity of every byte each server received. Chat models get the causal matching after
+    each of ``layers`` and frequency analysis over ``requests`` chat requests (real sentences,
+    prompts only: `scenario.chat_prompts`)."""
+    from ..seal import load_source
+    from .scenario import _causal, chat_prompts, prompt_ids
+
+    public = load_source(public_src)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(public_src, local_files_only=True)
+    causal = _causal(public)
+    ids = [prompt_ids(tok, t)[0] for t in texts]
+    log(f"P3 sends {len(ids)} prompts through two recording share servers")
+    views = observe(public, ids, layers=(0, *layers) if causal else (0,))
+    controls = {"s1": (views, 0), "s2": (views, 1), "noise": (noise_like(views), 0), "unmasked": (unmasked(views), 0)}
+    out = {"tokens": sum(map(len, ids)), "rounds": views.rounds}
+    for name, chunks in (("s1", views.bytes[0]), ("s2", views.bytes[1]), ("unmasked", views.plain)):
+        u = uniformity(chunks)
+        out[f"uniform.{name}"], out[f"uniform.{name}.p"], out[f"uniform.{name}.p_min_position"] = u["passed"], u["p"], u["p_min_position"]
+        out["uniform.bytes"] = u["bytes"]
+    for name, (v, s) in controls.items():
+        log(f"vocabulary matching at the input: {name}")
+        out[f"vocab.input.{name}"] = vocab_input(v, s, public, ids)["rate"]
+        for k in layers if causal else ():
+            log(f"causal matching after {k} layer(s): {name}")
+            out[f"vocab.layers{k}.{name}"] = vocab_causal(v, s, public, ids, k, start=tok.all_special_ids, proposals=proposals)["rate"]
+    out["chance.input"] = 1 / public.get_input_embeddings().num_embeddings
+    if causal and requests:
+        chats = [p for p, _ in chat_prompts(tok, 0, requests)]
+        log(f"{requests} chat requests for frequency analysis")
+        fv = observe(public, chats, layers=(0,))
+        ref = [p for p, _ in chat_prompts(tok, requests, reference)]
+        for name, (v, s) in {"s1": (fv, 0), "s2": (fv, 1), "noise": (noise_like(fv), 0), "unmasked": (unmasked(fv), 0)}.items():
+            log(f"frequency analysis: {name}")
+            out[f"frequency.{name}"] = frequency(v, s, public, chats, ref)["rate"]
+        out["frequency.requests"], out["frequency.reference"] = requests, reference
+        out["frequency.tokens"] = sum(map(len, chats))
+    attacked = [v for k, v in out.items() if k.startswith(("vocab.", "frequency.")) and k.endswith((".s1", ".s2"))]
+    out["best_on_a_share"] = max(attacked)
+    return out

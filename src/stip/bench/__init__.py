@@ -3,7 +3,10 @@
     results = run(Settings(model=..., tokens=32, out=Path("bench-out")), progress=print)
 
 Modes: ``plain`` (the plaintext model in process), ``stip`` (P3 embeds and permutes, P2 runs
-the sealed model, P3 un-permutes; in process, bytes of the wire messages), ``mpc-semi2k`` and
+the sealed model, P3 un-permutes; in process, bytes of the wire messages), ``shares`` (two
+`stip share-server` processes on loopback do the weight matmuls on additive shares; P3, this
+process, does the rest; bytes and rounds as sent; a second row with the masks prepared
+offline, the online pass asking one server), ``mpc-semi2k`` and
 ``mpc-cheetah`` (two parties on SPU, simulation; bytes and send actions from SPU's link
 profile), ``he`` (CKKS; polynomial ViT models only). The fast modes (plain, stip) alternate,
 ``repeats`` times each after a warm-up; MPC and HE run once. Every mode's output is compared
@@ -21,7 +24,7 @@ from typing import Callable
 
 from .subjects import Skip, compare, load
 
-MODES = ("plain", "stip", "mpc-semi2k", "mpc-cheetah", "he")
+MODES = ("plain", "stip", "shares", "mpc-semi2k", "mpc-cheetah", "he")
 # Layers MPC runs on a Hugging Face model by default, so that the default bench of MiniLM ends
 # in under 10 minutes on 2 cores (CHEETAH: ~90 s per MiniLM layer at 32 tokens there); --full
 # runs every layer. The polynomial ViTs are small and always run whole.
@@ -40,6 +43,7 @@ class Settings:
     batch: int = 1
     mpc_layers: int | None = None
     seed: int = 0
+    shares_limbs: int = 3
 
     def __post_init__(self):
         unknown = [m for m in self.modes if m not in MODES]
@@ -47,6 +51,8 @@ class Settings:
             raise ValueError(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
         if self.network not in ("none", "lan", "wan"):
             raise ValueError("--network must be none, lan or wan")
+        if self.shares_limbs not in (2, 3):
+            raise ValueError("--shares-limbs must be 2 or 3")
         if self.repeats < 1 or self.tokens < 1 or self.batch < 1:
             raise ValueError("--repeats, --tokens and --batch must be at least 1")
 
@@ -101,6 +107,12 @@ def run(s: Settings, progress: Callable[[str], None] = lambda _: None) -> dict:
         rows.append(Row("plain", subject.layers, s.repeats, base[subject.layers], None, None, 0, 0.0, 1.0))
     if stip_row is not None:
         rows.append(stip_row)
+
+    if "shares" in s.modes:
+        try:
+            rows += _shares(subject, s, plain_out[subject.layers], progress)
+        except Skip as e:
+            skipped.append({"mode": "shares", "reason": str(e)})
 
     for m in mpc_modes:
         protocol, layers = m[4:], wanted_mpc[m]
@@ -167,6 +179,39 @@ def _plain_and_stip(subject, s: Settings, depths: set[int], progress):
     row = Row("stip", subject.layers, s.repeats, statistics.median(stip_times), stip_run.bytes_up, stip_run.bytes_down, 1, err,
               top1, notes=["STIP: in process; bytes are the wire messages of one request and its answer"])
     return base, plain_out, row
+
+
+def _shares(subject, s: Settings, reference, progress) -> list[Row]:
+    """Two rows, each in its best set-up on one machine. Both servers online: one BLAS thread
+    each, as they compute at the same time. Masks prepared offline (``Servers.prepare``): the
+    online pass asks S2 alone, so the servers get every core; the offline cost is in the notes."""
+    rows = []
+    for prepared, mode, threads in ((False, "shares", 1), (True, "shares-prepared", None)):
+        progress(f"{mode}: starting two share servers ({threads or 'all'} BLAS thread(s) each) …")
+        times = []
+        with subject.shares(threads, s.shares_limbs) as run:
+            last = run(prepared)  # warm-up
+            for r in range(s.repeats):
+                progress(f"{mode}, round {r + 1}/{s.repeats}")
+                t0 = time.perf_counter()
+                last = run(prepared)
+                times.append(time.perf_counter() - t0 - last[3])  # online only
+        out, st, off, off_s = last
+        err, top1 = compare(out, reference)
+        seconds = statistics.median(times)
+        server = 1 if prepared else 0
+        note = (f"{mode}: two share servers as processes on loopback ({s.shares_limbs} limbs, {threads or 'all'} BLAS thread(s) "
+                f"each), P3 in this process on one thread, all on this machine's cores; of the {seconds * 1e3:.0f} ms, P3 waited "
+                f"{st.wait_seconds * 1e3:.0f} ms for the servers (their matmuls: S1 {st.server_seconds[0] * 1e3:.0f} ms, "
+                f"S2 {st.server_seconds[1] * 1e3:.0f} ms); bytes are S{server + 1}'s")
+        if prepared:
+            note += (f" (S1: none online); offline, before the input exists, S1 alone: {off_s * 1e3:.0f} ms, {off.rounds} rounds, "
+                     f"{off.bytes_up[0]:,} B up, {off.bytes_down[0]:,} B down")
+        else:
+            note += " (S2's are the same)"
+        rows.append(Row(mode, subject.layers, s.repeats, seconds, st.bytes_up[server], st.bytes_down[server], st.rounds, err,
+                        top1, notes=[note]))  # fmt: skip
+    return rows
 
 
 def _mpc(subject, protocol: str, layers: int, reference, progress) -> Row:

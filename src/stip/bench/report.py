@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .references import REFERENCES
 
-LABELS = {"plain": "plaintext", "stip": "STIP", "mpc-semi2k": "MPC SEMI2K", "mpc-cheetah": "MPC CHEETAH", "he": "HE (CKKS)"}
+LABELS = {"plain": "plaintext", "stip": "STIP", "shares": "shares (2 servers)", "shares-prepared": "shares, masks prepared", "mpc-semi2k": "MPC SEMI2K", "mpc-cheetah": "MPC CHEETAH", "he": "HE (CKKS)"}
 
 
 def machine() -> dict:

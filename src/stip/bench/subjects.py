@@ -9,6 +9,8 @@ user's embedding, and — for polynomial models only — the HE plan.
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +51,7 @@ class HFSubject:
     def __init__(self, path: Path, tokens: int, batch: int, seed: int):
         from ..seal import load_source, seal
 
+        self.path = path
         self.model = load_source(path)
         self.name = path.name if path.name != "model" else path.parent.name  # the embedded package's folder is "model"
         c = self.model.config
@@ -95,6 +98,31 @@ class HFSubject:
         up = {"embeddings": x} if mask is None else {"embeddings": x, "attention_mask": mask}
         down = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
         return StipRun(client.unpermute_outputs(out)[self.output_name], len(wire.encode(up)), len(wire.encode(down)))
+
+    @contextmanager
+    def shares(self, threads: int | None = 1, limbs: int = 3):
+        """Shares mode: two share servers as subprocesses (``threads`` BLAS threads each; None:
+        all cores), and a run(prepared) for one pass."""
+        from ..serve.process import ServerProcess
+        from ..shares import Servers, SharesModel, one_thread
+
+        if self.image:
+            raise Skip("shares mode walks text models (ViT's patch embedding is not in its walk)")
+        args = ("--limbs", str(limbs)) + (("--threads", str(threads)) if threads else ())
+        spawn = lambda: ServerProcess(self.path, *args, command="share-server", timeout=600)  # noqa: E731
+        with spawn() as a, spawn() as b, Servers([a.url, b.url]) as conn, one_thread():
+            p3 = SharesModel(self.model, conn)
+
+            def run(prepared: bool = False):
+                """(output, this pass's online traffic, offline traffic, offline seconds)."""
+                offline, t0 = conn.offline.copy(), time.perf_counter()
+                if prepared:
+                    conn.prepare(p3.plan(self.inputs["input_ids"].shape[1]))
+                t1, before = time.perf_counter(), conn.stats.copy()
+                out = p3.forward(self.inputs["input_ids"], self.inputs["attention_mask"])
+                return out[self.output_name], conn.stats.since(before), conn.offline.since(offline), t1 - t0
+
+            yield run
 
     def mpc(self, layers: int):
         """(Config, params, user's embedding) with the first ``layers`` layers."""
@@ -161,6 +189,9 @@ class PolySubject:
 
     def he(self):
         return self.plan, self.patches
+
+    def shares(self, threads: int | None = 1, limbs: int = 3):
+        raise Skip("shares mode walks Hugging Face transformers; the polynomial ViT is not one")
 
 
 def load(path: str | Path | None, tokens: int = 32, batch: int = 1, seed: int = 0):

@@ -95,3 +95,22 @@ def attack_frequency(sealed: Path = _SEALED, public: Path = _PUBLIC,
         fail("--requests needs at least one count ≥ 1")
     _attack("frequency", as_json, sealed=sealed, public=public, requests=counts, new_tokens=new_tokens,
             reference_requests=reference, log=lambda msg: err.print(msg))
+
+
+@attack_app.command("shares")
+def attack_shares(public: Path = _PUBLIC, texts: Optional[list[str]] = _TEXTS,
+                  layers: str = typer.Option("1,2", "--layers", help="Chat models: comma-separated depths for the causal matching ('' for none)."),
+                  requests: int = typer.Option(100, "--requests", min=0, help="Chat models: requests logged for frequency analysis (0: none)."),
+                  proposals: int = typer.Option(64, "--proposals", min=1, help="Causal matching: the public model's N likeliest next tokens are the candidates."),
+                  as_json: bool = _JSON) -> None:
+    """The attack suite against shares mode, from one share server's side: P3 runs the public
+    model with two recording share servers; vocabulary matching at the input, the causal
+    matching after k layers and frequency analysis run on each server's view, on fresh noise
+    (chance) and on the unmasked activations (the attack working); chi-square uniformity of
+    every byte each server received."""
+    try:
+        depths = tuple(int(k) for k in layers.split(",") if k.strip())
+    except ValueError:
+        fail(f"--layers takes comma-separated integers, not {layers!r}")
+    _attack("shares", as_json, public=public, texts=texts, layers=depths, requests=requests, proposals=proposals,
+            log=lambda msg: err.print(msg))

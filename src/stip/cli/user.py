@@ -23,6 +23,7 @@ def proxy(
     upstream_model: Optional[str] = typer.Option(None, "--upstream-model", help="The engine's served model name (default: stip-<fingerprint>, as `stip` starts vLLM)."),
     timeout: float = typer.Option(300.0, help="Seconds to wait for the engine before answering 504."),
     max_tokens_limit: Optional[int] = typer.Option(None, "--max-tokens-limit", min=1, help="Refuse requests for more new tokens than this (default: the model's context)."),
+    prepare_tokens: int = typer.Option(0, "--prepare-tokens", min=0, help="Shares mode: keep masks for this many positions prepared with S1 in the background, so that requests mostly ask S2 alone (0: off)."),
 ) -> None:
     """Run the user's side (P3) as a local OpenAI-compatible server.
 
@@ -42,7 +43,7 @@ def proxy(
     token = read_token(upstream_token_file)
     try:
         if shares is not None:
-            engine = _shares_engine(client_dir, shares, token, timeout)
+            engine = _shares_engine(client_dir, shares, token, timeout, prepare_tokens)
             api = create_app(engine.local(), engine, model_name=model_name, max_tokens_limit=max_tokens_limit)
         else:
             up = Upstream(upstream, token=token, timeout=timeout, model=upstream_model)
@@ -54,8 +55,13 @@ def proxy(
 
 def _shares_model(src: Path, shares: str, token: str | None, timeout: float = 120.0):
     """P3's side of shares mode: the public model here, connected to both share servers."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
     from ..shares import Servers, SharesError, SharesModel
 
+    torch.set_num_threads(1)  # P3's steps are small; spare threads only spin (see stip.shares.one_thread)
+    threadpool_limits(1)
     src = embedded(src)
     addresses = [a.strip() for a in shares.split(",") if a.strip()]
     try:
@@ -69,10 +75,10 @@ def _shares_model(src: Path, shares: str, token: str | None, timeout: float = 12
         fail(str(e))
 
 
-def _shares_engine(src: Path, shares: str, token: str | None, timeout: float):
+def _shares_engine(src: Path, shares: str, token: str | None, timeout: float, prepare_tokens: int):
     from ..shares.engine import SharesEngine
 
-    return SharesEngine(_shares_model(src, shares, token, timeout))
+    return SharesEngine(_shares_model(src, shares, token, timeout), prepare_tokens)
 
 
 def _client(client_dir: Path, server: str, token_file: Path | None):

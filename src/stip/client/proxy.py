@@ -11,6 +11,10 @@ No text crosses the wire, only renamed ids. Sampling (temperature, top-p, seed) 
 engine on the permuted logits: softmax and nucleus sampling do not depend on the order of
 the vocabulary. Stop strings are matched here, on the text, since the engine never sees it.
 
+In shares mode (``stip proxy SRC --shares S1,S2``) the engine is `stip.shares.engine`: P3's
+own loop over the public model with two share servers, on real ids; everything above the
+engine is the same.
+
     GET  /v1/models               the one model this client folder belongs to
     POST /v1/completions          prompt: a string or a list of token ids
     POST /v1/chat/completions     messages → the model's own chat template
@@ -29,7 +33,7 @@ from pathlib import Path
 from typing import AsyncIterator, Callable, Literal, Union
 
 import httpx
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field

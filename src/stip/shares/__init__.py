@@ -9,7 +9,7 @@ elements only. Frames on persistent TCP sockets (`protocol`); P3's side in `clie
 For private weights use STIP: here P3 sees every activation, so it could learn the weights.
 """
 
-from .client import Servers, SharesError, SharesModel, Stats
+from .client import Servers, SharesError, SharesModel, Stats, one_thread
 from .server import ShareServer
 
-__all__ = ["Servers", "SharesError", "SharesModel", "ShareServer", "Stats"]
+__all__ = ["Servers", "SharesError", "SharesModel", "ShareServer", "Stats", "one_thread"]

@@ -12,8 +12,12 @@ answer is read, so they compute at the same time.
 
 from __future__ import annotations
 
+import json
 import socket
+import threading
 import time
+from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -24,6 +28,22 @@ import torch
 from .. import wire
 from . import protocol, ring
 from .walk import Cache, Walk, weight_matmuls
+
+
+@contextmanager
+def one_thread():
+    """P3 on one thread. A decode step's own work is tiny, and where P3 shares a machine's
+    cores with the share servers (tests, benchmarks, a laptop), spinning BLAS and OpenMP threads
+    steal the servers' cores (measured on 2 cores: 0.75 → 0.46 s per SmolLM2 token)."""
+    from threadpoolctl import threadpool_limits
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class SharesError(RuntimeError):
@@ -56,17 +76,14 @@ class Servers:
     def __init__(self, addresses: Sequence[str], *, token: str | None = None, timeout: float = 120.0):
         if len(addresses) != 2 or addresses[0] == addresses[1]:
             raise ValueError("shares mode takes exactly two different share servers: S1 and S2")
-        self.addresses = list(addresses)
+        self.addresses, self._token, self._timeout = list(addresses), token, timeout
         self.stats = Stats()
         self.socks: list[socket.socket] = []
+        self._offline: socket.socket | None = None  # prepare()'s own connection to S1
+        self._lock = threading.Lock()  # the mask pool: prepare() may run on another thread
         try:
-            for a in self.addresses:
-                host, port = protocol.parse_address(a)
-                try:
-                    self.socks.append(protocol.nodelay(socket.create_connection((host, port), timeout=timeout)))
-                except OSError as e:
-                    raise ConnectionError(f"cannot reach the share server at {a}: {e.strerror or e}") from None
-            hellos = self._ask([wire.encode({}, {"op": protocol.HELLO, **({"token": token} if token else {})})] * 2)
+            self.socks = [self._connect(a) for a in self.addresses]
+            hellos = self._ask([self._hello()] * 2)
         except BaseException:
             self.close()
             raise
@@ -76,7 +93,20 @@ class Servers:
             raise SharesError(f"the share servers hold different models: {self.hellos[0].get('model')} and {self.hellos[1].get('model')}")
         self.model = self.hellos[0].get("model", "?")
         self.limbs = int(self.hellos[0].get("limbs", ring.LIMBS))
+        self.ops = {k: tuple(v) for k, v in json.loads(self.hellos[0].get("ops", "{}")).items()}  # name → (in, out)
         self.exponents: dict[str, np.ndarray] = {}
+        self.offline = Stats()  # prepare()'s traffic
+        self.masks: dict[str, deque] = {}  # name → prepared blocks of rows (R, R·W̃), each row used once
+
+    def _connect(self, address: str) -> socket.socket:
+        host, port = protocol.parse_address(address)
+        try:
+            return protocol.nodelay(socket.create_connection((host, port), timeout=self._timeout))
+        except OSError as e:
+            raise ConnectionError(f"cannot reach the share server at {address}: {e.strerror or e}") from None
+
+    def _hello(self) -> bytes:
+        return wire.encode({}, {"op": protocol.HELLO, **({"token": self._token} if self._token else {})})
 
     def expect(self, matmuls: dict[str, np.ndarray]) -> None:
         """P3's own copy of the public weights: the servers must hold the same ones."""
@@ -85,33 +115,88 @@ class Servers:
         if mine != self.hellos[0].get("exponents"):
             raise SharesError(f"the share servers hold {self.model}, not the model P3 loaded (fingerprint {mine[:16]})")
 
+    def prepare(self, needs: Sequence[tuple[str, int]]) -> None:
+        """The offline phase, before the input exists: for future matmuls (name, rows), fresh
+        masks R go to S1 alone, which returns R·W̃. When the input comes, P3 sends only X − R
+        to S2 and adds R·W̃ back: the online phase asks one server and moves half the bytes.
+        S1 sees uniform masks, S2 uniform X − R: the same guarantee, the same non-collusion.
+        Masks are rows (a matmul acts on each row alone), pooled per name, each used once."""
+        rows: dict[str, int] = {}
+        for name, n in needs:
+            rows[name] = rows.get(name, 0) + n
+        if self._offline is None:  # its own socket: online matmuls may run meanwhile
+            self._offline = self._connect(self.addresses[0])
+            self._ask([self._hello()], to=(0,), stats=Stats(), socks={0: self._offline})
+        for name, n in rows.items():
+            t0 = time.perf_counter()
+            r = ring.uniform(n * self.ops[name][0]).reshape(n, -1)
+            blob = wire.encode({"x": torch.from_numpy(r)}, {"op": name})
+            self.offline.share_seconds += time.perf_counter() - t0
+            ((y, _),) = self._ask([blob], to=(0,), stats=self.offline, socks={0: self._offline})
+            with self._lock:
+                self.masks.setdefault(name, deque()).append((r, y["y"].numpy()))
+
+    def prepared(self, name: str) -> int:
+        """Rows of masks ready for ``name``."""
+        with self._lock:
+            return sum(len(r) for r, _ in self.masks.get(name, ()))
+
+    def _take(self, name: str, n: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """``n`` rows of masks for ``name``, or None when fewer are ready."""
+        with self._lock:
+            if sum(len(r) for r, _ in self.masks.get(name, ())) < n:
+                return None
+            return self._pop(self.masks[name], n)
+
+    @staticmethod
+    def _pop(pool: deque, n: int) -> tuple[np.ndarray, np.ndarray]:
+        rs, ys = [], []
+        while n:
+            r, y = pool.popleft()
+            if len(r) > n:
+                pool.appendleft((r[n:], y[n:]))
+                r, y = r[:n], y[:n]
+            rs.append(r)
+            ys.append(y)
+            n -= len(r)
+        return (rs[0], ys[0]) if len(rs) == 1 else (np.concatenate(rs), np.concatenate(ys))
+
     def matmul(self, name: str, x: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
         x, rows = ring.encode(x.detach().numpy(), self.limbs)
-        a, b = ring.share(x)
-        blobs = [wire.encode({"x": torch.from_numpy(s)}, {"op": name}) for s in (a, b)]
-        self.stats.share_seconds += time.perf_counter() - t0
-        (ya, _), (yb, _) = self._ask(blobs)
+        mask = self._take(name, x.shape[0])
+        if mask is not None:  # prepared: S2 alone
+            r, y1 = mask
+            blob = wire.encode({"x": torch.from_numpy(x - r)}, {"op": name})  # wraps mod 2^64
+            self.stats.share_seconds += time.perf_counter() - t0
+            ((answer, _),) = self._ask([blob], to=(1,))
+            y2 = answer["y"].numpy()
+        else:
+            blobs = [wire.encode({"x": torch.from_numpy(s)}, {"op": name}) for s in ring.share(x)]
+            self.stats.share_seconds += time.perf_counter() - t0
+            (y1, _), (y2, _) = self._ask(blobs)
+            y1, y2 = y1["y"].numpy(), y2["y"].numpy()
         t1 = time.perf_counter()
-        y = ring.decode(ring.reconstruct(ya["y"].numpy(), yb["y"].numpy()), rows, self.exponents[name])
+        y = ring.decode(ring.reconstruct(y1, y2), rows, self.exponents[name])
         self.stats.share_seconds += time.perf_counter() - t1
         return torch.from_numpy(y.astype(np.float32))
 
-    def _ask(self, blobs: list[bytes]) -> list[tuple[dict, dict]]:
-        """Send to both, then read both: the servers work at the same time."""
+    def _ask(self, blobs: list[bytes], to=(0, 1), stats: Stats | None = None, socks=None) -> list[tuple[dict, dict]]:
+        """Send to every server in ``to``, then read them all: they work at the same time."""
+        stats, socks = stats or self.stats, socks or dict(enumerate(self.socks))
         t0 = time.perf_counter()
-        for i, (sock, blob) in enumerate(zip(self.socks, blobs)):
-            self.stats.bytes_up[i] += self._io(i, lambda: protocol.send(sock, blob))
-        replies = [self._io(i, lambda: protocol.recv(sock)) for i, sock in enumerate(self.socks)]
-        self.stats.wait_seconds += time.perf_counter() - t0
-        self.stats.rounds += 1
+        for i, blob in zip(to, blobs):
+            stats.bytes_up[i] += self._io(i, lambda: protocol.send(socks[i], blob))
+        replies = [self._io(i, lambda: protocol.recv(socks[i])) for i in to]
+        stats.wait_seconds += time.perf_counter() - t0
+        stats.rounds += 1
         out = []
-        for i, r in enumerate(replies):
-            self.stats.bytes_down[i] += len(r) + 8
+        for i, r in zip(to, replies):
+            stats.bytes_down[i] += len(r) + 8
             tensors, meta = wire.decode(r)
             if "error" in meta:
                 raise SharesError(f"S{i + 1} ({self.addresses[i]}) refused: {meta['error']}")
-            self.stats.server_seconds[i] += float(meta.get("seconds", 0.0))
+            stats.server_seconds[i] += float(meta.get("seconds", 0.0))
             out.append((tensors, meta))
         return out
 
@@ -122,9 +207,9 @@ class Servers:
             raise ConnectionError(f"lost the share server S{i + 1} at {self.addresses[i]}: {e}") from None
 
     def close(self) -> None:
-        for s in self.socks:
+        for s in [*self.socks, *([self._offline] if self._offline else [])]:
             s.close()
-        self.socks = []
+        self.socks, self._offline = [], None
 
     def __enter__(self) -> "Servers":
         return self
@@ -166,6 +251,26 @@ class SharesModel:
         self.servers = servers
         self.walk = Walk(self.cfg, params, servers.matmul)
         self._tokenizer = None
+
+    def plan(self, tokens: int, new_tokens: int = 0) -> list[tuple[str, int]]:
+        """The matmuls (name, rows) one request will make, for ``Servers.prepare``: a pass over
+        ``tokens`` positions and, for a chat model, the ``new_tokens`` − 1 decode steps after
+        it. A dry walk on zeros: nothing is sent."""
+        calls, real = [], self.walk.matmul
+
+        def note(name, x):
+            calls.append((name, x.shape[0]))
+            return torch.zeros(x.shape[0], self.servers.ops[name][1])
+
+        self.walk.matmul = note
+        try:
+            cache = Cache() if self.cfg.causal else None
+            self.walk.forward(torch.zeros(1, tokens, self.cfg.hidden), cache=cache)
+            for _ in range(max(new_tokens - 1, 0) if cache is not None else 0):
+                self.walk.forward(torch.zeros(1, 1, self.cfg.hidden), cache=cache)
+        finally:
+            self.walk.matmul = real
+        return calls
 
     @property
     def tokenizer(self):

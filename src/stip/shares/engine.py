@@ -2,7 +2,8 @@
 
 The proxy hands it the same body it would send vLLM (prompt ids, max_tokens, sampling,
 stop ids) and reads (new ids, finish reason) back as tokens come. One generation runs at a
-time: the two connections carry one walk.
+time: the two connections carry one walk. Masks can be prepared with S1 in the background
+(``prepare_tokens``), on a connection of their own.
 
     engine = SharesEngine(SharesModel("smollm2", Servers([s1, s2])))
     app = create_app(engine.local(), engine)
@@ -11,6 +12,7 @@ time: the two connections carry one walk.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from typing import AsyncIterator
 
@@ -18,14 +20,40 @@ from ..client.proxy import Local, ProxyError
 from .client import SharesError, SharesModel
 
 
+log = logging.getLogger("stip.shares")
+
+
 class _Stopped(Exception):
     pass
 
 
 class SharesEngine:
-    def __init__(self, model: SharesModel):
+    """``prepare_tokens``: keep masks for that many positions of every matmul prepared with S1
+    in the background (`Servers.prepare`), so that requests mostly ask S2 alone; 0: never."""
+
+    def __init__(self, model: SharesModel, prepare_tokens: int = 0):
         self.model = model
         self.lock = asyncio.Lock()
+        self.prepare_tokens = prepare_tokens
+        self._stop = threading.Event()
+        self._filler = None
+        self._names = sorted({name for name, _ in model.plan(1)})  # every matmul; here, before any walk runs
+        if prepare_tokens:
+            self._filler = threading.Thread(target=self._top_up, name="stip-shares-masks", daemon=True)
+            self._filler.start()
+
+    def _top_up(self) -> None:
+        servers, names = self.model.servers, self._names
+        while not self._stop.wait(0.05):
+            if all(servers.prepared(n) >= self.prepare_tokens // 2 for n in names):
+                continue
+            try:
+                servers.prepare([(n, self.prepare_tokens - servers.prepared(n)) for n in names])
+            except (SharesError, ConnectionError, OSError) as e:
+                if self._stop.is_set():
+                    return
+                log.warning("preparing masks with S1 failed (%s); requests ask both servers meanwhile", e)
+                self._stop.wait(5.0)
 
     def local(self) -> Local:
         cfg = self.model.config
@@ -77,4 +105,7 @@ class SharesEngine:
                 await task
 
     async def close(self) -> None:
+        self._stop.set()
+        if self._filler is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._filler.join, 10.0)
         self.model.servers.close()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import logging
 import socket
 import socketserver
 import threading
@@ -28,9 +27,6 @@ import torch
 from .. import wire
 from . import protocol, ring
 from .walk import weight_matmuls
-
-log = logging.getLogger("stip.shares")
-
 
 @dataclass
 class ShareServer:
