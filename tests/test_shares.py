@@ -124,6 +124,15 @@ def test_prepared_masks_move_the_online_phase_to_one_server():
         assert r.shape[0] == y.shape[0] == 3 and conn.prepared("0.o") == 1 and conn._take("0.o", 2) is None
 
 
+def test_a_rope_the_walk_does_not_compute_is_refused():
+    import transformers as T
+
+    scaled = T.LlamaForCausalLM(T.LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
+                                              vocab_size=10, rope_scaling={"rope_type": "linear", "factor": 2.0}))  # fmt: skip
+    with pytest.raises(ValueError, match="RoPE of type 'linear'"):
+        ShareServer.from_model(scaled)
+
+
 # --- the server refuses what it must ------------------------------------------------------------------
 
 
@@ -146,6 +155,7 @@ def test_server_refuses_bad_requests_and_keeps_the_connection(tiny_server):
     with socket.create_connection((host, port)) as sock:
         assert "unauthorised" in _ask(sock, {"x": x}, {"op": "0.qkv"})[1]["error"]
         assert "unauthorised" in _ask(sock, {}, {"op": "hello", "token": "wrong"})[1]["error"]
+        assert "unauthorised" in _ask(sock, {}, {"op": "hello", "token": "s3crét"})[1]["error"]  # not ASCII: no crash
         hello = _ask(sock, {}, {"op": "hello", "token": "s3cret"})[1]
         assert json.loads(hello["ops"])["0.qkv"] == [8, 16]
         assert "unknown matmul" in _ask(sock, {"x": x}, {"op": "9.qkv"})[1]["error"]

@@ -163,7 +163,11 @@ def _llama(model):
 
 
 def _rope_theta(c) -> float:
-    params = getattr(c, "rope_parameters", None) or {}
+    """The RoPE base; the walks compute plain RoPE, so a scaled variant (llama3, yarn, …) is refused."""
+    params = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
+    kind = params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else "default"
+    if kind not in (None, "default"):
+        raise ValueError(f"RoPE of type {kind!r} is not supported here (plain RoPE only)")
     theta = params.get("rope_theta") if isinstance(params, dict) else None
     return float(theta or getattr(c, "rope_theta", None) or 10000.0)
 

@@ -89,7 +89,7 @@ class Servers:
             raise
         self.hellos = [meta for _, meta in hellos]
         self.stats = Stats()  # inference traffic only, from here on
-        if self.hellos[0].get("exponents") != self.hellos[1].get("exponents"):
+        if self.hellos[0].get("fingerprint") != self.hellos[1].get("fingerprint"):
             raise SharesError(f"the share servers hold different models: {self.hellos[0].get('model')} and {self.hellos[1].get('model')}")
         self.model = self.hellos[0].get("model", "?")
         self.limbs = int(self.hellos[0].get("limbs", ring.LIMBS))
@@ -112,7 +112,7 @@ class Servers:
         """P3's own copy of the public weights: the servers must hold the same ones."""
         self.exponents = {k: ring.exponents(w, self.limbs) for k, w in matmuls.items()}
         mine = ring.fingerprint({k: (w.shape, self.exponents[k]) for k, w in matmuls.items()})
-        if mine != self.hellos[0].get("exponents"):
+        if mine != self.hellos[0].get("fingerprint"):
             raise SharesError(f"the share servers hold {self.model}, not the model P3 loaded (fingerprint {mine[:16]})")
 
     def prepare(self, needs: Sequence[tuple[str, int]]) -> None:

@@ -57,7 +57,7 @@ class SharesEngine:
 
     def local(self) -> Local:
         cfg = self.model.config
-        fingerprint = self.model.servers.hellos[0].get("exponents", "")
+        fingerprint = self.model.servers.hellos[0].get("fingerprint", "")
         return Local(self.model.path, cfg, fingerprint, cfg.vocab_size)
 
     async def served_model(self, fingerprint: str) -> str:

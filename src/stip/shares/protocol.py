@@ -4,7 +4,7 @@ A generated token costs ~120 dependent round trips, so each is one frame each wa
 that stays open, with Nagle off: no HTTP, no per-request headers, no JSON bodies.
 
     frame    = u64 little-endian length ‖ a stip.wire message (safetensors: tensors + metadata)
-    hello    meta {"op": "hello", "token"?}   → meta {"model", "ops": {name: [in, out]}, "limbs", "exponents"}
+    hello    meta {"op": "hello", "token"?}   → meta {"model", "ops": {name: [in, out]}, "limbs", "fingerprint"}
     matmul   meta {"op": NAME}, tensor x int64 (rows, in)
                                               → tensor y int64 (rows, out) = x·W̃ mod 2^64, meta {"seconds"}
     error    meta {"error": message}           (the connection stays usable; a broken frame closes it)

@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-
 import torch
 
 from .. import wire
 from . import protocol, ring
 from .walk import weight_matmuls
+
 
 @dataclass
 class ShareServer:
@@ -55,7 +55,7 @@ class ShareServer:
     def hello(self) -> dict:
         limbs = next(iter(self.ops.values())).limbs if self.ops else ring.LIMBS
         return {"model": self.model, "ops": {k: list(w.shape) for k, w in self.ops.items()},
-                "limbs": limbs, "exponents": fingerprint(self.ops)}  # fmt: skip
+                "limbs": limbs, "fingerprint": fingerprint(self.ops)}  # fmt: skip
 
     def answer(self, blob: bytes, authed: bool = True) -> tuple[bytes, bool]:
         """One request → (one reply, whether the connection is now authenticated). Bad input
@@ -64,7 +64,7 @@ class ShareServer:
             tensors, meta = wire.decode(blob, protocol.REQUEST)
             op = meta.get("op")
             if op == protocol.HELLO:
-                if self.token is not None and not hmac.compare_digest(str(meta.get("token", "")), self.token):
+                if self.token is not None and not hmac.compare_digest(str(meta.get("token", "")).encode(), self.token.encode()):
                     return _error("unauthorised: wrong or missing token"), False
                 return wire.encode({}, {k: v if isinstance(v, str) else json.dumps(v) for k, v in self.hello().items()}), True
             if not authed:
