@@ -110,10 +110,10 @@ class Servers:
 
     def expect(self, matmuls: dict[str, np.ndarray]) -> None:
         """P3's own copy of the public weights: the servers must hold the same ones."""
-        self.exponents = {k: ring.exponents(w, self.limbs) for k, w in matmuls.items()}
-        mine = ring.fingerprint({k: (w.shape, self.exponents[k]) for k, w in matmuls.items()})
+        mine = ring.fingerprint(matmuls, self.limbs)
         if mine != self.hellos[0].get("fingerprint"):
             raise SharesError(f"the share servers hold {self.model}, not the model P3 loaded (fingerprint {mine[:16]})")
+        self.exponents = {k: ring.exponents(w, self.limbs) for k, w in matmuls.items()}
 
     def prepare(self, needs: Sequence[tuple[str, int]]) -> None:
         """The offline phase, before the input exists: for future matmuls (name, rows), fresh

@@ -143,11 +143,12 @@ def matmul(x: np.ndarray, weight: Weight) -> np.ndarray:
     return out
 
 
-def fingerprint(matmuls: dict[str, tuple[tuple[int, int], np.ndarray]]) -> str:
-    """A digest of the matmuls' names, shapes and column exponents: P3 and both servers agree
-    on it when they hold the same weights (to any practical purpose) at the same precision."""
-    h = hashlib.sha256()
+def fingerprint(matmuls: dict[str, np.ndarray], limbs: int) -> str:
+    """A digest of the weights themselves (names, shapes, float32 values) and the precision:
+    P3 and both servers agree on it exactly when they compute the same thing."""
+    h = hashlib.blake2b(f"limbs={limbs}".encode(), digest_size=32)
     for name in sorted(matmuls):
-        shape, e = matmuls[name]
-        h.update(f"{name}:{tuple(shape)}:".encode() + np.asarray(e, np.int64).tobytes())
+        w = np.ascontiguousarray(matmuls[name], np.float32)
+        h.update(f"{name}:{w.shape}:".encode())
+        h.update(memoryview(w).cast("B"))
     return h.hexdigest()

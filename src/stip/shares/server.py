@@ -31,7 +31,8 @@ from .walk import weight_matmuls
 @dataclass
 class ShareServer:
     ops: dict[str, ring.Weight]
-    model: str  # what P3 sees in hello: the model's name and its matmuls' fingerprint
+    model: str  # what P3 sees in hello: the model's type and the start of its fingerprint
+    fingerprint: str  # ring.fingerprint of the weights at this precision
     token: str | None = None
     max_rows: int = 65536
     observe: Callable[[str, np.ndarray], None] | None = None  # sees (op, share) of every matmul: the attacks' hook
@@ -49,13 +50,15 @@ class ShareServer:
         from ..models.blocks import from_hf
 
         cfg, params = from_hf(model)
-        ops = {name: ring.Weight.encode(w, limbs) for name, w in weight_matmuls(cfg, params).items()}
-        return cls(ops, f"{model.config.model_type}-{fingerprint(ops)[:16]}", **kwargs)
+        matmuls = weight_matmuls(cfg, params)
+        digest = ring.fingerprint(matmuls, limbs)
+        ops = {name: ring.Weight.encode(w, limbs) for name, w in matmuls.items()}
+        return cls(ops, f"{model.config.model_type}-{digest[:16]}", digest, **kwargs)
 
     def hello(self) -> dict:
         limbs = next(iter(self.ops.values())).limbs if self.ops else ring.LIMBS
         return {"model": self.model, "ops": {k: list(w.shape) for k, w in self.ops.items()},
-                "limbs": limbs, "fingerprint": fingerprint(self.ops)}  # fmt: skip
+                "limbs": limbs, "fingerprint": self.fingerprint}  # fmt: skip
 
     def answer(self, blob: bytes, authed: bool = True) -> tuple[bytes, bool]:
         """One request → (one reply, whether the connection is now authenticated). Bad input
@@ -92,10 +95,6 @@ class ShareServer:
 
 def _error(message: str) -> bytes:
     return wire.encode({}, {"error": message})
-
-
-def fingerprint(ops: dict[str, ring.Weight]) -> str:
-    return ring.fingerprint({k: (w.shape, w.exponents) for k, w in ops.items()})
 
 
 class _Handler(socketserver.BaseRequestHandler):
