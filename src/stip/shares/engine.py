@@ -86,6 +86,9 @@ class SharesEngine:
                 loop.call_soon_threadsafe(queue.put_nowait, ("done", None))
             except (SharesError, ConnectionError, OSError, ValueError) as e:
                 loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
+            except Exception as e:  # a bug: still end the stream, never leave the request hanging
+                log.exception("shares mode: the walk failed")
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
 
         async with self.lock:
             task = loop.run_in_executor(None, walk)
