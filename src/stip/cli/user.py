@@ -50,18 +50,18 @@ def proxy(
             api = create_app(client_dir, up, model_name=model_name, max_tokens_limit=max_tokens_limit)
     except (InvalidBundle, InvalidKey, OSError, ValueError) as e:
         fail(str(e))
-    listen(api, host, port, "proxy", f"model {api.state.model_name}, {'upstream ' + upstream if upstream else 'share servers ' + shares}")
+    from contextlib import nullcontext
+
+    from ..shares import one_thread
+
+    with one_thread() if shares else nullcontext():
+        listen(api, host, port, "proxy", f"model {api.state.model_name}, {'upstream ' + upstream if upstream else 'share servers ' + shares}")
 
 
 def _shares_model(src: Path, shares: str, token: str | None, timeout: float = 120.0):
     """P3's side of shares mode: the public model here, connected to both share servers."""
-    import torch
-    from threadpoolctl import threadpool_limits
-
     from ..shares import Servers, SharesError, SharesModel
 
-    torch.set_num_threads(1)  # P3's steps are small; spare threads only spin (see stip.shares.one_thread)
-    threadpool_limits(1)
     src = embedded(src)
     addresses = [a.strip() for a in shares.split(",") if a.strip()]
     try:
@@ -143,17 +143,25 @@ def query(
             for item, label in zip(items, r.labels):
                 out.print(f"{label}\t{item}", highlight=False, soft_wrap=True)
         else:
-            r = _run_client(lambda: c.encode(items))
+            _show_encoding(items, _run_client(lambda: c.encode(items)), as_json)
             if as_json:
-                lengths = r.attention_mask.sum(1).tolist()
-                hidden = [h[:n].tolist() for h, n in zip(r.last_hidden_state, lengths)]
-                print(json.dumps({"last_hidden_state": hidden, "embedding": r.embedding.tolist()}))
                 return
-            for item, e, n in zip(items, r.embedding, r.attention_mask.sum(1).tolist()):
-                head = ", ".join(f"{v:+.4f}" for v in e[:4].tolist())
-                out.print(f"{n:>4} tokens  [{head}, …] ({e.numel()} dims)  {item}", highlight=False, soft_wrap=True)
         s = c.stats
         err.print(f"{s.requests} request(s), {s.bytes_up} B up, {s.bytes_down} B down, cloud {s.server_seconds * 1e3:.1f} ms, client {s.client_seconds * 1e3:.1f} ms")
+
+
+def _show_encoding(items: list[str], r, as_json: bool) -> None:
+    """An encoder's answer (STIP's or shares mode's): one JSON object, or a line per text."""
+    import json
+
+    lengths = r.attention_mask.sum(1).tolist()
+    if as_json:
+        hidden = [h[:n].tolist() for h, n in zip(r.last_hidden_state, lengths)]
+        print(json.dumps({"last_hidden_state": hidden, "embedding": r.embedding.tolist()}))
+        return
+    for item, e, n in zip(items, r.embedding, lengths):
+        head = ", ".join(f"{v:+.4f}" for v in e[:4].tolist())
+        out.print(f"{n:>4} tokens  [{head}, …] ({e.numel()} dims)  {item}", highlight=False, soft_wrap=True)
 
 
 def _stats_line(st) -> str:
@@ -162,24 +170,15 @@ def _stats_line(st) -> str:
 
 
 def _query_shares(src: Path, texts: list[str], shares: str, token: str | None, as_json: bool) -> None:
-    import json
-
-    from ..shares import SharesError
+    from ..shares import SharesError, one_thread
 
     m = _shares_model(src, shares, token)
-    with m.servers:
+    with m.servers, one_thread():
         try:
             r = m.encode(texts)
         except (SharesError, ConnectionError, ValueError) as e:
             fail(str(e))
-        lengths = r.attention_mask.sum(1).tolist()
-        if as_json:
-            hidden = [h[:n].tolist() for h, n in zip(r.last_hidden_state, lengths)]
-            print(json.dumps({"last_hidden_state": hidden, "embedding": r.embedding.tolist()}))
-        else:
-            for item, e, n in zip(texts, r.embedding, lengths):
-                head = ", ".join(f"{v:+.4f}" for v in e[:4].tolist())
-                out.print(f"{n:>4} tokens  [{head}, …] ({e.numel()} dims)  {item}", highlight=False, soft_wrap=True)
+        _show_encoding(texts, r, as_json)
         err.print(_stats_line(m.servers.stats))
 
 
@@ -215,7 +214,8 @@ def generate(
     if (server is None) == (shares is None):
         fail("give --server (STIP) or --shares (shares mode), not both")
     if shares is not None:
-        _generate_shares(client_dir, prompt_in, shares, read_token(token_file), max_new_tokens, temperature if sampling else 0.0,
+        t = (temperature if temperature is not None else 1.0) if sampling else 0.0  # 0: greedy
+        _generate_shares(client_dir, prompt_in, shares, read_token(token_file), max_new_tokens, t,
                          top_p if top_p is not None else 1.0, seed, as_json)
         return
     c = _client(client_dir, server, token_file)
@@ -241,16 +241,15 @@ def generate(
 def _generate_shares(src, prompt, shares, token, max_new_tokens, temperature, top_p, seed, as_json) -> None:
     import json
 
-    from ..shares import SharesError
+    from ..shares import SharesError, one_thread
 
     m = _shares_model(src, shares, token)
-    with m.servers:
+    with m.servers, one_thread():
         try:
             ids = prompt if isinstance(prompt, list) else m.tokenizer(prompt)["input_ids"]
             eos = getattr(m.config, "eos_token_id", None)
             stop = set(eos if isinstance(eos, list) else [eos]) - {None}
-            g = m.generate(ids, max_new_tokens, temperature=temperature if temperature is not None else 1.0, top_p=top_p,
-                           seed=seed, stop=stop)  # fmt: skip
+            g = m.generate(ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop)
         except (SharesError, ConnectionError, ValueError) as e:
             fail(str(e))
         text = m.tokenizer.decode(g.token_ids, skip_special_tokens=True) if isinstance(prompt, str) else None

@@ -139,14 +139,15 @@ class Servers:
     def prepared(self, name: str) -> int:
         """Rows of masks ready for ``name``."""
         with self._lock:
-            return sum(len(r) for r, _ in self.masks.get(name, ()))
+            return self._ready(name)
+
+    def _ready(self, name: str) -> int:  # the caller holds the lock
+        return sum(len(r) for r, _ in self.masks.get(name, ()))
 
     def _take(self, name: str, n: int) -> tuple[np.ndarray, np.ndarray] | None:
         """``n`` rows of masks for ``name``, or None when fewer are ready."""
         with self._lock:
-            if sum(len(r) for r, _ in self.masks.get(name, ())) < n:
-                return None
-            return self._pop(self.masks[name], n)
+            return self._pop(self.masks[name], n) if self._ready(name) >= n else None
 
     @staticmethod
     def _pop(pool: deque, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -37,13 +37,12 @@ class SharesEngine:
         self.prepare_tokens = prepare_tokens
         self._stop = threading.Event()
         self._filler = None
-        self._names = sorted({name for name, _ in model.plan(1)})  # every matmul; here, before any walk runs
         if prepare_tokens:
             self._filler = threading.Thread(target=self._top_up, name="stip-shares-masks", daemon=True)
             self._filler.start()
 
     def _top_up(self) -> None:
-        servers, names = self.model.servers, self._names
+        servers, names = self.model.servers, sorted(self.model.servers.ops)  # every matmul
         while not self._stop.wait(0.05):
             if all(servers.prepared(n) >= self.prepare_tokens // 2 for n in names):
                 continue
