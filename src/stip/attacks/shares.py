@@ -111,13 +111,14 @@ class _Reached(Exception):
     pass
 
 
-def first_inputs(public, positions) -> dict[int, torch.Tensor]:
+def first_inputs(public, positions, blocks=None) -> dict[int, torch.Tensor]:
     """Every token's row as the first matmul would receive it, alone at each position: what the
-    server's layer-0 rows would be in the clear (the embedding, normalised as the model does)."""
+    server's layer-0 rows would be in the clear (the embedding, normalised as the model does).
+    ``blocks``: ``from_hf(public)``, when the caller has it already."""
     from ..models.blocks import embed, from_hf
     from ..shares.walk import Walk
 
-    cfg, params = from_hf(public)
+    cfg, params = blocks or from_hf(public)
 
     def stop(_name, x):
         raise _Reached(x)
@@ -134,10 +135,13 @@ def first_inputs(public, positions) -> dict[int, torch.Tensor]:
 def _nearest_tokens(views: Views, server: int, public) -> list[list[int]]:
     """Each layer-0 row's nearest token by cosine (blind to P3's per-row scales), among every
     token's layer-0 row at that position."""
-    position_free = public.config.model_type in ("llama", "qwen2", "mistral")  # RoPE comes after: rows ignore the position
+    from ..models.blocks import from_hf
+
+    blocks = from_hf(public)
+    position_free = blocks[0].rope_theta is not None  # RoPE comes after the first matmul: its rows ignore the position
     reqs = views.rows[server]
     needed = {0} if position_free else set(range(max((len(r[0]) for r in reqs), default=0)))
-    cands = {t: torch.nn.functional.normalize(c, dim=-1) for t, c in first_inputs(public, sorted(needed)).items()}
+    cands = {t: torch.nn.functional.normalize(c, dim=-1) for t, c in first_inputs(public, sorted(needed), blocks).items()}
     found = []
     for req in reqs:
         rows = torch.nn.functional.normalize(as_float(req[0]), dim=-1)
