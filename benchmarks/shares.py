@@ -183,9 +183,9 @@ def markdown(r: dict) -> str:
              report.table(b), ""]  # fmt: skip
     lines += [f"- {report.LABELS[row['mode']]}: {'; '.join(row['notes'])}" for row in b["rows"] if row["notes"]] + [""]
     ratios = [f"{report.LABELS[k]} / plaintext: **{rows[k]['ratio']:,.2f}×**" for k in ("shares", "shares-prepared", "mpc-semi2k") if k in rows]
-    lines += ["; ".join(ratios) + ".", "", "With two limbs (`--shares-limbs 2`: weights exact to 2^-22 of a column's L1 norm, "
-              "enough for MiniLM's embeddings), same run:", "", report.table(r["bench_2_limbs"]), ""]
-    lines += [f"- {report.LABELS[row['mode']]}: {'; '.join(row['notes'])}" for row in r["bench_2_limbs"]["rows"] if row["notes"]]
+    lines += ["; ".join(ratios) + ".", "", "With three limbs (`--shares-limbs 3`: the servers' answers exact mod 2^64, at 1.5× "
+              "their GEMM work), same run:", "", report.table(r["bench_3_limbs"]), ""]
+    lines += [f"- {report.LABELS[row['mode']]}: {'; '.join(row['notes'])}" for row in r["bench_3_limbs"]["rows"] if row["notes"]]
     lines += ["",
               f"MiniLM sentence embeddings of {m['sentences']} real sentences: cosine with plaintext ≥ **{m['cosine_min']:.7f}**.", "",
               f"## SmolLM2-135M-Instruct: {len(PROMPTS)} prompts × {s['new_tokens']} greedy tokens, twice (both servers online, one BLAS "
@@ -235,15 +235,15 @@ def main() -> int:
     modes = ("plain", "stip", "shares") + (() if args.no_mpc else ("mpc-semi2k",))
     log(f"stip bench on MiniLM, {args.tokens} tokens: {', '.join(modes)}")
     bench = bench_run(Settings(tokens=args.tokens, modes=modes, network="wan", out=args.out), progress=log)
-    log("again with two limbs: plaintext and shares")
-    bench2 = bench_run(Settings(tokens=args.tokens, modes=("plain", "shares"), network="wan", out=args.out, shares_limbs=2),
+    log("again with three limbs: plaintext and shares")
+    bench3 = bench_run(Settings(tokens=args.tokens, modes=("plain", "shares"), network="wan", out=args.out, shares_limbs=3),
                        progress=log)  # fmt: skip
     log("MiniLM embeddings of real sentences")
     minilm = minilm_cosine(default.path())
     log("SmolLM2: greedy against plaintext, per-token costs")
     llm = smollm2(chat.path(), log)
     result = {"command": "python benchmarks/shares.py " + " ".join(sys.argv[1:]), "machine": report.machine(), "bench": bench,
-              "bench_2_limbs": bench2,
+              "bench_3_limbs": bench3,
               "minilm": minilm, "smollm2": llm, "seconds": time.perf_counter() - t0}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=2))

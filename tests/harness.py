@@ -70,10 +70,11 @@ def run_sealed(sealed: Sealed, case: Case) -> dict:
 
 def run_shares(case: Case) -> dict:
     """Shares mode: two share servers (threads, real sockets) do the weight matmuls on
-    additive shares; P3 walks the model."""
+    additive shares; P3 walks the model. The servers cut shares into 2 and 3 limbs: each may
+    choose its own."""
     from stip.shares import Servers, ShareServer, SharesModel
 
-    s1, s2 = ShareServer.from_model(case.model), ShareServer.from_model(case.model)
+    s1, s2 = ShareServer.from_model(case.model, limbs=2), ShareServer.from_model(case.model, limbs=3)
     with s1.listen() as a, s2.listen() as b, Servers([a.address, b.address]) as servers:
         return SharesModel(case.model, servers).forward(case.inputs["input_ids"], case.inputs["attention_mask"])
 

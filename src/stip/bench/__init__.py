@@ -43,7 +43,7 @@ class Settings:
     batch: int = 1
     mpc_layers: int | None = None
     seed: int = 0
-    shares_limbs: int = 3
+    shares_limbs: int = 2
 
     def __post_init__(self):
         unknown = [m for m in self.modes if m not in MODES]

@@ -100,7 +100,7 @@ class HFSubject:
         return StipRun(client.unpermute_outputs(out)[self.output_name], len(wire.encode(up)), len(wire.encode(down)))
 
     @contextmanager
-    def shares(self, threads: int | None = 1, limbs: int = 3):
+    def shares(self, threads: int | None = 1, limbs: int = 2):
         """Shares mode: two share servers as subprocesses (``threads`` BLAS threads each; None:
         all cores), and a run(prepared) for one pass."""
         from ..serve.process import ServerProcess
@@ -190,7 +190,7 @@ class PolySubject:
     def he(self):
         return self.plan, self.patches
 
-    def shares(self, threads: int | None = 1, limbs: int = 3):
+    def shares(self, threads: int | None = 1, limbs: int = 2):
         raise Skip("shares mode walks Hugging Face transformers; the polynomial ViT is not one")
 
 

@@ -22,7 +22,7 @@ def bench(
     mpc_layers: Optional[int] = typer.Option(None, "--mpc-layers", min=1, help="Layers for both MPC protocols (overrides the default and --full)."),
     repeats: int = typer.Option(5, "--repeats", min=1, help="Timed runs of plaintext and STIP (alternating)."),
     batch: int = typer.Option(1, "--batch", min=1, help="Inputs per inference (images for HE: one batch in the slots)."),
-    shares_limbs: int = typer.Option(3, "--shares-limbs", min=2, max=3, help="Shares mode's precision (stip share-server --limbs): 3 lossless for any model, 2 a third less work."),
+    shares_limbs: int = typer.Option(2, "--shares-limbs", min=2, max=3, help="stip share-server --limbs: 2 (default) or 3, exact mod 2^64 at 1.5× the servers' work."),
     readme: Optional[Path] = typer.Option(None, "--readme", metavar="FILE", help="Also put the table into FILE between `<!-- stip bench: NAME -->` markers."),
     as_json: bool = typer.Option(False, "--json", help="Print results.json's object on stdout."),
 ) -> None:

@@ -17,7 +17,7 @@ def share_server(
     port: int = typer.Option(7001, help="Port to bind; 0 picks a free one (printed on stdout)."),
     token_file: Optional[Path] = typer.Option(None, "--token-file", help="File holding the token P3 must present in its hello."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="BLAS threads for the matmuls (default: all cores; give 1 when both servers share one machine's cores)."),
-    limbs: int = typer.Option(3, "--limbs", min=2, max=3, help="3: weights exact to 2^-32 of each column's L1 norm (lossless for SmolLM2); 2: to 2^-22, a third less work (enough for MiniLM embeddings)."),
+    limbs: int = typer.Option(2, "--limbs", min=2, max=3, help="Float64 GEMMs per matmul. 2: the low limb's sums round (by less than rounding the input to fixed point already costs); 3: exact mod 2^64, half as much work again. Same answers to P3 either way; the two servers may differ."),
 ) -> None:
     """Serve a public model's weight matmuls on additive shares (shares mode: run two, on
     parties that do not collude). The server sees uniform ring elements, never an activation.

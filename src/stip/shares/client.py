@@ -92,7 +92,6 @@ class Servers:
         if self.hellos[0].get("fingerprint") != self.hellos[1].get("fingerprint"):
             raise SharesError(f"the share servers hold different models: {self.hellos[0].get('model')} and {self.hellos[1].get('model')}")
         self.model = self.hellos[0].get("model", "?")
-        self.limbs = int(self.hellos[0].get("limbs", ring.LIMBS))
         self.ops = {k: tuple(v) for k, v in json.loads(self.hellos[0].get("ops", "{}")).items()}  # name → (in, out)
         self.exponents: dict[str, np.ndarray] = {}
         self.offline = Stats()  # prepare()'s traffic
@@ -110,10 +109,10 @@ class Servers:
 
     def expect(self, matmuls: dict[str, np.ndarray]) -> None:
         """P3's own copy of the public weights: the servers must hold the same ones."""
-        mine = ring.fingerprint(matmuls, self.limbs)
+        mine = ring.fingerprint(matmuls)
         if mine != self.hellos[0].get("fingerprint"):
             raise SharesError(f"the share servers hold {self.model}, not the model P3 loaded (fingerprint {mine[:16]})")
-        self.exponents = {k: ring.exponents(w, self.limbs) for k, w in matmuls.items()}
+        self.exponents = {k: ring.exponents(w) for k, w in matmuls.items()}
 
     def prepare(self, needs: Sequence[tuple[str, int]]) -> None:
         """The offline phase, before the input exists: for future matmuls (name, rows), fresh
@@ -164,7 +163,7 @@ class Servers:
 
     def matmul(self, name: str, x: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
-        x, rows = ring.encode(x.detach().numpy(), self.limbs)
+        x, rows = ring.encode(x.detach().numpy())
         mask = self._take(name, x.shape[0])
         if mask is not None:  # prepared: S2 alone
             r, y1 = mask

@@ -1,20 +1,25 @@
-"""Fixed point on the ring Z_2^64, additive shares, and the servers' exact ring matmul.
+"""Fixed point on the ring Z_2^64, additive shares, and the servers' ring matmul.
 
 P3 encodes each row of an activation X at its own scale, round(X_r · 2^e_r) in int64 (two's
 complement is Z_2^64), and splits it: X1 uniform and fresh (AES-CTR under a key from
 os.urandom), X2 = X − X1 (mod 2^64).
-Each server multiplies its share by the encoded weight; the two answers add up to X·W exactly
-in the ring, and P3 divides row r and column j by 2^(e_r + s_j). The scales never leave P3 in
-the clear: the servers see uniform ring elements only.
+Each server multiplies its share by the encoded weight; the two answers add up to X·W in the
+ring, and P3 divides row r and column j by 2^(e_r + s_j). The scales never leave P3 in the
+clear: the servers see uniform ring elements only.
 
-Exactness. int64 GEMMs run ~100× slower than float32 on CPU, so a share is cut into balanced
-limbs and multiplied on float64 BLAS, which is exact while every partial sum stays below 2^53:
-with limbs below 2^(b−1), that holds when Σ_i |W_ij·2^s_j| ≤ 2^(54−b) (the column's "mass"),
-which fixes s_j. The product cannot wrap when |X_r·2^e_r| ≤ 2^(62−mass), which fixes e_r.
+The server's matmul. int64 GEMMs run ~100× slower than float32 on CPU, so a share is cut into
+balanced limbs, multiplied on float64 BLAS and recombined mod 2^64. Each column of W is scaled
+so that Σ_i |W_ij·2^s_j| ≤ 2^MASS (this fixes s_j), and each row of X so that |X_r·2^e_r| ≤
+2^(62−MASS): the product cannot wrap.
 
-    limbs  bits  mass   weight step (relative to the column's L1 norm)   cost (float64 GEMMs)
-      2     32    22    2^-22: SmolLM2 logits off by 0.15                 2
-      3     22    32    2^-32: SmolLM2 logits as exact as float32         3   ← default
+    limbs  limb bits (low → high)  float64 GEMMs  the answer
+      2        42, 22                  2          ← default. The 22-bit limb is exact (its sums
+                                                  stay below 2^53). The 42-bit limb's sums
+                                                  round: off by at most in·2^20 per entry, while
+                                                  rounding X to integers already costs 2^31.
+      3        22, 22, 20              3          X·W̃ mod 2^64 bit for bit.
+
+Both use the same scales, so P3's side does not depend on the choice.
 """
 
 from __future__ import annotations
@@ -26,26 +31,30 @@ from dataclasses import dataclass
 
 import numpy as np
 
-LIMBS = 3
-_BITS = {2: 32, 3: 22}  # bits per limb
+LIMBS = 2
+MASS = 32  # log2 of the largest Σ|w| of an encoded column
+_SPLIT = {2: (42, 22), 3: (22, 22, 20)}  # bits per limb, low to high
 
 
-def _mass(limbs: int) -> int:
-    """log2 of the largest Σ|w| an encoded column may have: 2^(bits−1) · 2^mass ≤ 2^53."""
-    return 54 - _BITS[limbs]
+def _exact(bits: int) -> bool:
+    """Whether a limb's float64 sums stay exact: |limb| ≤ 2^(bits−1), Σ|w| ≤ 2^MASS."""
+    return bits - 1 + MASS <= 53
+
+
+assert all(_exact(split[-1]) and sum(split) == 64 for split in _SPLIT.values())  # the high limb is exact
 
 
 class RangeError(ValueError):
     """An activation that cannot be encoded (NaN or infinite)."""
 
 
-def encode(x: np.ndarray, limbs: int = LIMBS) -> tuple[np.ndarray, np.ndarray]:
+def encode(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Float activations (rows, in) → (ring elements int64, each row's exponent e_r)."""
     x = np.asarray(x, np.float64)
     if not np.isfinite(x).all():
         raise RangeError("an activation is NaN or infinite")
     peak = np.abs(x).max(-1)
-    top = 62 - _mass(limbs)  # |X_r · 2^e_r| ≤ 2^top
+    top = 62 - MASS  # |X_r · 2^e_r| ≤ 2^top
     e = np.where(peak > 0, top - np.ceil(np.log2(np.maximum(peak, 1e-300))) - 1, top).astype(np.int64)
     return np.rint(x * np.exp2(e.astype(np.float64))[:, None]).astype(np.int64), e
 
@@ -92,20 +101,24 @@ def reconstruct(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def decode(y: np.ndarray, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
     """The sum of both servers' answers → float X·W."""
-    return y.astype(np.float64) * np.exp2(-(rows[:, None] + columns[None, :]).astype(np.float64))
+    y = y.astype(np.float64)
+    y *= np.exp2(-rows.astype(np.float64))[:, None]
+    y *= np.exp2(-columns.astype(np.float64))[None, :]
+    return y
 
 
-def exponents(w: np.ndarray, limbs: int = LIMBS) -> np.ndarray:
-    """Each column's scale exponent s_j: the largest with Σ_i |round(W_ij·2^s_j)| ≤ 2^mass."""
+def exponents(w: np.ndarray) -> np.ndarray:
+    """Each column's scale exponent s_j: the largest with Σ_i |round(W_ij·2^s_j)| ≤ 2^MASS."""
     w = np.asarray(w, np.float64)
     mass = np.abs(w).sum(0) + w.shape[0]  # + in: room for each entry's rounding
-    e = np.floor(_mass(limbs) - np.log2(np.maximum(mass, 1e-300))).astype(np.int64)
+    e = np.floor(MASS - np.log2(np.maximum(mass, 1e-300))).astype(np.int64)
     return np.minimum(e, 62)  # an all-zero column: any scale is exact
 
 
 @dataclass(frozen=True)
 class Weight:
-    """One weight matrix as a server holds it: W·2^s_j rounded, float64 (in, out)."""
+    """One weight matrix as a server holds it: W·2^s_j rounded, float64 (in, out), and how many
+    limbs its matmul cuts a share into."""
 
     w: np.ndarray
     exponents: np.ndarray  # s_j, (out,)
@@ -113,12 +126,12 @@ class Weight:
 
     @classmethod
     def encode(cls, w: np.ndarray, limbs: int = LIMBS) -> "Weight":
-        if limbs not in _BITS:
-            raise ValueError(f"limbs must be one of {sorted(_BITS)}")
+        if limbs not in _SPLIT:
+            raise ValueError(f"limbs must be one of {sorted(_SPLIT)}")
         w = np.asarray(w, np.float64)
-        e = exponents(w, limbs)
+        e = exponents(w)
         enc = np.rint(w * np.exp2(e.astype(np.float64)))
-        assert (np.abs(enc).sum(0) <= 2.0 ** _mass(limbs)).all()
+        assert (np.abs(enc).sum(0) <= 2.0**MASS).all()
         return cls(enc, e, limbs)
 
     @property
@@ -127,26 +140,41 @@ class Weight:
 
 
 def matmul(x: np.ndarray, weight: Weight) -> np.ndarray:
-    """x · W mod 2^64 for int64 x (rows, in), exactly: one float64 GEMM over the stacked limbs."""
-    bits = _BITS[weight.limbs]
-    half, mask = np.int64(1 << (bits - 1)), np.int64((1 << bits) - 1)
-    parts, u = [], np.asarray(x, np.int64)
-    for _ in range(weight.limbs - 1):
-        low = ((u + half) & mask) - half  # balanced: in [−2^(bits−1), 2^(bits−1))
-        parts.append(low)
-        u = (u - low) >> bits  # an exact shift
-    parts.append(u)  # what is left: 64 − (limbs−1)·bits bits, signed
-    y = (np.concatenate(parts).astype(np.float64) @ weight.w).astype(np.int64)
-    n, out = x.shape[0], y[: x.shape[0]].copy()
-    for j in range(1, weight.limbs):
-        out += y[j * n : (j + 1) * n] << np.int64(j * bits)  # wraps mod 2^64
+    """x · W mod 2^64 for int64 x (rows, in): one float64 GEMM over the stacked limbs."""
+    split, n = _SPLIT[weight.limbs], x.shape[0]
+    u = np.asarray(x, np.int64)
+    limbs = np.empty((len(split) * n, u.shape[1]))
+    for j, bits in enumerate(split[:-1]):
+        low = (u << np.int64(64 - bits)) >> np.int64(64 - bits)  # sign-extended: in [−2^(bits−1), 2^(bits−1))
+        limbs[j * n : (j + 1) * n] = low
+        u = (u - low) >> np.int64(bits)  # an exact shift
+    limbs[-n:] = u  # the high limb, signed
+    y = limbs @ weight.w
+    out, shift = np.zeros((n, y.shape[1]), np.int64), 0
+    for j, bits in enumerate(split):
+        part = y[j * n : (j + 1) * n]
+        if not _exact(bits):  # sums up to 2^73: reduce mod 2^64 first, exactly (both terms are multiples of part's ulp)
+            part = part - np.floor(part * 2.0**-64 + 0.5) * 2.0**64  # in [−2^63, 2^63)
+        out += part.astype(np.int64) << np.int64(shift)  # wraps mod 2^64
+        shift += bits
     return out
 
 
-def fingerprint(matmuls: dict[str, np.ndarray], limbs: int) -> str:
-    """A digest of the weights themselves (names, shapes, float32 values) and the precision:
+def error_bound(weight: Weight) -> float:
+    """The most ``matmul`` can be off by, per entry, mod 2^64: the float64 rounding of the limbs
+    whose sums pass 2^53, by the standard bound in·2^−53·Σ|limb·w| (0 at 3 limbs)."""
+    bound, shift = 0.0, 0
+    for bits in _SPLIT[weight.limbs]:
+        if not _exact(bits):
+            bound += weight.shape[0] * 2.0 ** (bits - 1 + MASS - 53 + shift)
+        shift += bits
+    return bound
+
+
+def fingerprint(matmuls: dict[str, np.ndarray]) -> str:
+    """A digest of the weights themselves (names, shapes, float32 values) and the encoding:
     P3 and both servers agree on it exactly when they compute the same thing."""
-    h = hashlib.blake2b(f"limbs={limbs}".encode(), digest_size=32)
+    h = hashlib.blake2b(f"mass={MASS}".encode(), digest_size=32)
     for name in sorted(matmuls):
         w = np.ascontiguousarray(matmuls[name], np.float32)
         h.update(f"{name}:{w.shape}:".encode())

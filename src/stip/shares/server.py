@@ -32,7 +32,7 @@ from .walk import weight_matmuls
 class ShareServer:
     ops: dict[str, ring.Weight]
     model: str  # what P3 sees in hello: the model's type and the start of its fingerprint
-    fingerprint: str  # ring.fingerprint of the weights at this precision
+    fingerprint: str  # ring.fingerprint of the weights
     token: str | None = None
     max_rows: int = 65536
     observe: Callable[[str, np.ndarray], None] | None = None  # sees (op, share) of every matmul: the attacks' hook
@@ -51,7 +51,7 @@ class ShareServer:
 
         cfg, params = from_hf(model)
         matmuls = weight_matmuls(cfg, params)
-        digest = ring.fingerprint(matmuls, limbs)
+        digest = ring.fingerprint(matmuls)
         ops = {name: ring.Weight.encode(w, limbs) for name, w in matmuls.items()}
         return cls(ops, f"{model.config.model_type}-{digest[:16]}", digest, **kwargs)
 
