@@ -1,9 +1,12 @@
-"""The polynomial transformer of Zimerman et al. (ICML 2024), vision form, for CKKS inference.
+"""The polynomial transformer of Zimerman et al. (ICML 2024) for CKKS inference: a ViT
+(``PolyViT``) and a causal language model (``PolyLM``) from the same blocks.
 
 Attention is a pointwise activation of the scores divided by a length scale,
     Att(Q, K, V) = σ(QKᵀ/√d_h) · V / S(L),   S(L) = √L ("sqrt_n") or L ("n"),
-normalisation is BatchNorm (an affine map at inference, folded into the next linear layer),
-with an extra BatchNorm inside each MLP. Training adds a range penalty on every activation's
+and for the LM, causally: row i sees positions j ≤ i, divided by S(i + 1) (an elementwise
+product with a scaled 0/1 matrix). Normalisation is BatchNorm (an affine map at inference,
+folded into the next linear layer), with an extra BatchNorm inside each MLP; the paper keeps
+LayerNorm for language, with a polynomial 1/√var, which we do not build. Training adds a range penalty on every activation's
 input (outside [-R, R]) and a variance penalty on every BatchNorm's input variance (above a
 ceiling). After training, ``to_polynomial`` fits a polynomial to each activation over the
 range its inputs took on the training set and swaps it in, without further training.
@@ -11,12 +14,14 @@ range its inputs took on the training set and swaps it in, without further train
     model = PolyViT(PRESETS["digits"])      # GELU activations while training
     to_polynomial(model, train.images, degree=2)
     plan = he_plan(model)                    # folded numpy weights for stip.he
+    lm = PolyLM(PRESETS["lm"])               # ids (batch, tokens) → next-token logits per position
+    twin = PolyLM(replace(PRESETS["lm"], attention="softmax", norm="layer"))   # its softmax/LayerNorm twin
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -41,10 +46,25 @@ class PolyConfig:
     attn_scale: str = "sqrt_n"  # S(L): "sqrt_n" | "n"
     act_range: float = 4.0  # R of the range penalty
     var_ceiling: float = 50.0  # of the variance penalty
+    task: str = "image"  # "image" (PolyViT) | "lm" (PolyLM)
+    vocab: int = 0  # lm
+    context: int = 0  # lm: the longest input
+    attention: str = "poly"  # "poly": σ(scores)/S(L) | "softmax": the twin
+    norm: str = "batch"  # "batch" | "layer": the twin
+
+    def __post_init__(self):
+        if self.task not in ("image", "lm") or self.attention not in ("poly", "softmax") or self.norm not in ("batch", "layer"):
+            raise ValueError(f"unknown task, attention or norm in {self}")
+        if self.task == "lm" and (self.vocab < 2 or self.context < 1):
+            raise ValueError("a language model needs vocab ≥ 2 and context ≥ 1")
+
+    @property
+    def causal(self) -> bool:
+        return self.task == "lm"
 
     @property
     def tokens(self) -> int:
-        return (self.image_size // self.patch) ** 2
+        return self.context if self.task == "lm" else (self.image_size // self.patch) ** 2
 
     @property
     def patch_dim(self) -> int:
@@ -57,6 +77,8 @@ class PolyConfig:
 PRESETS = {
     "digits": PolyConfig(),
     "tiny": PolyConfig(dim=8, layers=1, heads=2, mlp_ratio=1),
+    "lm": PolyConfig(task="lm", vocab=4096, context=32, dim=64, layers=2, heads=4, mlp_ratio=2),
+    "lm-tiny": PolyConfig(task="lm", vocab=64, context=6, dim=8, layers=1, heads=2, mlp_ratio=1),
 }
 
 
@@ -114,6 +136,19 @@ class Norm(nn.BatchNorm1d):
         return s.detach().numpy().astype(np.float64), (self.bias - self.running_mean * s).detach().numpy().astype(np.float64)
 
 
+def length_scale(cfg: PolyConfig, n) -> float | np.ndarray:
+    """S(n): √n or n."""
+    return np.sqrt(n) if cfg.attn_scale == "sqrt_n" else np.asarray(n, np.float64) * 1.0
+
+
+def attention_mask(cfg: PolyConfig, n: int) -> np.ndarray:
+    """(n, n): what σ(scores) is multiplied by, elementwise. Causal: row i keeps j ≤ i and is
+    divided by S(i + 1); otherwise every entry is 1/S(n)."""
+    if not cfg.causal:
+        return np.full((n, n), 1.0 / length_scale(cfg, n))
+    return np.tril(np.ones((n, n))) / length_scale(cfg, np.arange(1, n + 1))[:, None]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: PolyConfig):
         super().__init__()
@@ -121,24 +156,32 @@ class Attention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
         self.act = Act(cfg)
 
-    def length_scale(self, n: int) -> float:
-        return math.sqrt(n) if self.cfg.attn_scale == "sqrt_n" else float(n)
-
     def forward(self, x):
         b, n, d = x.shape
         h = self.cfg.heads
         split = lambda t: t.reshape(b, n, h, d // h).transpose(1, 2)  # noqa: E731
         q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
         s = q @ k.transpose(-1, -2) / math.sqrt(d // h)
-        o = self.act(s) @ v / self.length_scale(n)
-        return self.o(o.transpose(1, 2).reshape(b, n, d))
+        if self.cfg.attention == "softmax":
+            if self.cfg.causal:
+                s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+            a = s.softmax(-1)
+        else:
+            a = self.act(s) * torch.as_tensor(attention_mask(self.cfg, n), dtype=s.dtype)
+        return self.o((a @ v).transpose(1, 2).reshape(b, n, d))
+
+
+def norm(cfg: PolyConfig, dim: int) -> nn.Module:
+    return Norm(dim, cfg.var_ceiling) if cfg.norm == "batch" else nn.LayerNorm(dim)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: PolyConfig):
         super().__init__()
         hidden = int(cfg.dim * cfg.mlp_ratio)
-        self.norm1, self.norm2, self.norm_mlp = Norm(cfg.dim, cfg.var_ceiling), Norm(cfg.dim, cfg.var_ceiling), Norm(hidden, cfg.var_ceiling)
+        # the BatchNorm inside the MLP is the paper's; a LayerNorm twin is a plain transformer
+        self.norm1, self.norm2 = norm(cfg, cfg.dim), norm(cfg, cfg.dim)
+        self.norm_mlp = norm(cfg, hidden) if cfg.norm == "batch" else nn.Identity()
         self.attn = Attention(cfg)
         self.fc1, self.fc2 = nn.Linear(cfg.dim, hidden), nn.Linear(hidden, cfg.dim)
         self.act = Act(cfg)
@@ -148,14 +191,60 @@ class Block(nn.Module):
         return x + self.fc2(self.act(self.norm_mlp(self.fc1(self.norm2(x)))))
 
 
-class PolyViT(nn.Module):
+class _Polynomial(nn.Module):
+    """What both models share: blocks, the final norm, the activations and the penalties."""
+
     def __init__(self, cfg: PolyConfig):
         super().__init__()
         self.cfg = cfg
-        self.patch = nn.Linear(cfg.patch_dim, cfg.dim)
         self.pos = nn.Parameter(torch.randn(1, cfg.tokens, cfg.dim) * 0.02)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
-        self.norm = Norm(cfg.dim, cfg.var_ceiling)
+        self.norm = norm(cfg, cfg.dim)
+
+    def forward(self, inputs):
+        return self.body(self.embed(inputs))
+
+    def acts(self) -> list[Act]:
+        return [m for m in self.modules() if isinstance(m, Act)]
+
+    def regularisers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(range penalty, variance penalty) of the last training forward."""
+        rng = sum(a.penalty for a in self.acts())
+        var = sum(m.penalty for m in self.modules() if isinstance(m, Norm))
+        return rng, var
+
+    def is_polynomial(self) -> bool:
+        return self.cfg.attention == "poly" and self.cfg.norm == "batch" and all(a.coeffs.numel() for a in self.acts())
+
+
+class PolyLM(_Polynomial):
+    """A causal LM: token ids (batch, n ≤ context) → next-token logits (batch, n, vocab)."""
+
+    def __init__(self, cfg: PolyConfig):
+        if cfg.task != "lm":
+            raise ValueError("PolyLM takes a config with task='lm'")
+        super().__init__(cfg)
+        self.tokens = nn.Embedding(cfg.vocab, cfg.dim)
+        self.head = nn.Linear(cfg.dim, cfg.vocab)
+
+    def embed(self, ids):
+        """Token and position embedding: the user's side in every private mode."""
+        if ids.shape[1] > self.cfg.context:
+            raise ValueError(f"{ids.shape[1]} tokens exceed the context of {self.cfg.context}")
+        return self.tokens(ids) + self.pos[:, : ids.shape[1]]
+
+    def body(self, x):
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.norm(x))
+
+
+class PolyViT(_Polynomial):
+    def __init__(self, cfg: PolyConfig):
+        if cfg.task != "image":
+            raise ValueError("PolyViT takes a config with task='image'")
+        super().__init__(cfg)
+        self.patch = nn.Linear(cfg.patch_dim, cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.classes)
 
     def patches(self, images):
@@ -172,36 +261,47 @@ class PolyViT(nn.Module):
             x = blk(x)
         return self.head(self.norm(x).mean(1))
 
-    def forward(self, images):
-        return self.body(self.embed(images))
-
-    def acts(self) -> list[Act]:
-        return [m for m in self.modules() if isinstance(m, Act)]
-
-    def regularisers(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(range penalty, variance penalty) of the last training forward."""
-        rng = sum(a.penalty for a in self.acts())
-        var = sum(m.penalty for m in self.modules() if isinstance(m, Norm))
-        return rng, var
-
-    def is_polynomial(self) -> bool:
-        return all(a.coeffs.numel() for a in self.acts())
-
 
 def patches(images, size: int):
     """Non-overlapping size×size patches of (batch, channels, H, W), flattened per token."""
     return F.unfold(images, size, stride=size).transpose(1, 2)
 
 
+def task_loss(model, x, y):
+    """Cross-entropy: of the class, or of every next token."""
+    logits = model(x)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
 def training_loss(alpha: float = 1e-2, beta: float = 1e-3):
     """L_task + α·L_range + β·L_variance."""
 
-    def loss(model: PolyViT, x, y):
-        task = F.cross_entropy(model(x), y)
+    def loss(model: _Polynomial, x, y):
+        task = task_loss(model, x, y)
+        if model.cfg.attention != "poly":  # the softmax twin trains on its task alone
+            return task
         rng, var = model.regularisers()
         return task + alpha * rng + beta * var
 
     return loss
+
+
+@torch.no_grad()
+def perplexity(model: PolyLM, windows: torch.Tensor, batch_size: int = 256, last_only: bool = False) -> float:
+    """exp(mean next-token cross-entropy) over (N, n + 1) windows: every position, or the
+    last of each window only."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        w = windows[i : i + batch_size]
+        logits = model(w[:, :-1])
+        if last_only:
+            logits, target = logits[:, -1], w[:, -1]
+        else:
+            target = w[:, 1:]
+        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
+        count += target.numel()
+    return math.exp(total / count)
 
 
 # --- the polynomial swap ------------------------------------------------------------------------
@@ -360,8 +460,6 @@ def train_polyformer(out, preset: str = "digits", dataset: str = "digits", data_
         raise ValueError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
     out = Path(out)
     train, test = data.load(dataset, data_dir, seed=seed)
-    from dataclasses import replace
-
     cfg = replace(PRESETS[preset], classes=train.classes, channels=train.images.shape[1], image_size=train.images.shape[-1])
     open_run(out, {"preset": preset, "dataset": dataset, "data_dir": str(data_dir) if data_dir else None, "epochs": epochs,
                    "degree": degree, "method": method, "lr": lr, "seed": seed}, force=force)
@@ -376,7 +474,61 @@ def train_polyformer(out, preset: str = "digits", dataset: str = "digits", data_
     return summary
 
 
-def save(model: PolyViT, path, extra: dict | None = None) -> None:
+def train_polylm(out, preset: str = "lm", data_dir=None, epochs: int = 8, degree: int = 4, method: str = "lsq",
+                 lr: float = 2e-3, seed: int = 0, vocab: int | None = None, tick=None, force: bool = False) -> dict:
+    """The LM half: a BPE tokenizer trained on the corpus's training split (``stip.models.text``:
+    CPython's own prose and docstrings, or a local folder such as WikiText's), then the
+    softmax/LayerNorm/GELU twin and the polynomial-ready LM of the same size, each trained on
+    next-token prediction (resumable). The polynomials are swapped in, and validation and test
+    perplexity are reported for the twin, the LM before the swap and after it. Writes
+    OUT/model.safetensors (the polynomial LM), OUT/twin.safetensors, OUT/tokenizer.json and
+    OUT/summary.json."""
+    import json
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+
+    from . import text
+    from .data import Split
+    from .train import Schedule, fit, open_run
+
+    if preset not in PRESETS or PRESETS[preset].task != "lm":
+        raise ValueError(f"unknown LM preset {preset!r} (choose from {', '.join(k for k, c in PRESETS.items() if c.task == 'lm')})")
+    out = Path(out)
+    base = PRESETS[preset]
+    vocab = vocab or base.vocab
+    open_run(out, {"task": "lm", "preset": preset, "data_dir": str(data_dir) if data_dir else None, "epochs": epochs, "degree": degree,
+                   "method": method, "lr": lr, "seed": seed, "vocab": vocab}, force=force)  # fmt: skip
+    docs = text.corpus(data_dir, seed=seed)
+    tok_path = out / "tokenizer.json"
+    if tok_path.exists() and not force:
+        tok = Tokenizer.from_file(str(tok_path))
+    else:
+        tok = text.train_bpe(docs["train"], vocab)
+        tok.save(str(tok_path))
+    windows = {k: text.windows(tok, v, base.context) for k, v in docs.items()}
+    cfg = replace(base, vocab=tok.get_vocab_size())
+    train = Split(windows["train"][:, :-1], windows["train"][:, 1:], cfg.vocab)
+    summary: dict = {"config": cfg.to_json(), "corpus": {k: {"documents": len(docs[k]), "tokens": int(windows[k].numel() - len(windows[k]))}
+                                                        for k in text.SPLITS}}  # fmt: skip
+    ppl = lambda m: {k: perplexity(m, windows[k]) for k in ("valid", "test")}  # noqa: E731
+    models = {}
+    for stage, c in (("twin", replace(cfg, attention="softmax", norm="layer")), ("train", cfg)):
+        torch.manual_seed(seed)
+        models[stage] = PolyLM(c)
+        fit(models[stage], stage, train, Schedule(epochs, lr, 64, seed=seed), training_loss(), out, tick)
+    twin, model = models["twin"], models["train"]
+    summary["twin_perplexity"], summary["gelu_perplexity"] = ppl(twin), ppl(model)
+    summary["fit"] = to_polynomial(model, train.images[: 4096], degree, method)
+    summary["polynomial_perplexity"] = ppl(model)
+    extra = {"data_dir": str(data_dir) if data_dir else None, "seed": seed, "tokenizer": "tokenizer.json"}
+    save(model, out / "model.safetensors", extra)
+    save(twin, out / "twin.safetensors", extra)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def save(model: _Polynomial, path, extra: dict | None = None) -> None:
     from . import checkpoint
 
     checkpoint.save(model.state_dict(), path, KIND, model.cfg.to_json(), extra)
@@ -389,12 +541,13 @@ def is_checkpoint(path) -> bool:
     return checkpoint.info(path, KIND) is not None
 
 
-def load(path) -> tuple[PolyViT, dict]:
+def load(path) -> tuple[_Polynomial, dict]:
     """A file written by ``save``, or the model of a `stip train polyformer` folder."""
     from . import checkpoint
 
     state, info = checkpoint.load(path, KIND, "a polynomial ViT", "train one with `stip train polyformer OUT`")
-    model = PolyViT(PolyConfig(**info.pop("config")))
+    cfg = PolyConfig(**info.pop("config"))
+    model = (PolyLM if cfg.task == "lm" else PolyViT)(cfg)
     for name, m in model.named_modules():
         if isinstance(m, Act):
             m.coeffs = torch.zeros_like(state[f"{name}.coeffs"])  # size the buffers before loading

@@ -4,6 +4,9 @@ docstrings.
 
     sentences()          # every clean sentence, topics first, in a fixed order
     sentences(seed=0)    # the same, shuffled reproducibly
+    corpus()             # {"train", "valid", "test"}: whole documents, a fixed split (or a local folder's)
+    tokenizer = train_bpe(corpus()["train"], 4096)
+    windows(tokenizer, corpus()["valid"], context=32)   # (N, 33) token ids for a language model
 """
 
 from __future__ import annotations
@@ -63,3 +66,82 @@ def sentences(seed: int | None = None) -> list[str]:
 
         out = [out[i] for i in np.random.default_rng(seed).permutation(len(out))]
     return out
+
+
+# --- a language-modelling corpus ----------------------------------------------------------------
+
+SPLITS = ("train", "valid", "test")
+EOT = "<|endoftext|>"  # between documents
+_WIKITEXT = ("wiki.{}.tokens", "wiki.{}.raw")  # WikiText-2/103's file names (train, valid, test)
+
+
+class CorpusMissing(FileNotFoundError):
+    """A text folder with no text in it."""
+
+
+def documents() -> list[str]:
+    """The built-in corpus: the language reference's 79 documents, then every docstring of the
+    standard library (about 2 MB of English, with code examples in it), whitespace collapsed."""
+    from pydoc_data.topics import topics
+
+    docs = [topics[k] for k in sorted(topics)] + _docstrings()
+    return [d for d in (re.sub(r"\s+", " ", d).strip() for d in docs) if len(d) >= 20]
+
+
+def corpus(folder: str | Path | None = None, seed: int = 0, held_out: float = 0.05) -> dict[str, list[str]]:
+    """Documents per split. Built in: ``documents()`` split by document, ``held_out`` each to
+    valid and test (fixed by ``seed``). A folder: WikiText's own files when present
+    (wiki.train.tokens … or wiki.train.raw …, one paragraph per line), otherwise every *.txt
+    under it, one document per file, split like the built-in corpus."""
+    if folder is None:
+        return _split(documents(), seed, held_out)
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise CorpusMissing(f"{root} is not a folder")
+    for pattern in _WIKITEXT:
+        files = [root / pattern.format(s) for s in SPLITS]
+        if all(f.is_file() for f in files):
+            return {s: [line.strip() for line in f.read_text(encoding="utf-8").splitlines() if line.strip()] for s, f in zip(SPLITS, files)}
+    docs = [t for f in sorted(root.rglob("*.txt")) if (t := f.read_text(encoding="utf-8", errors="replace").strip())]
+    if len(docs) < 3:
+        raise CorpusMissing(f"{root} holds neither WikiText's wiki.{{train,valid,test}}.tokens nor three or more .txt files")
+    return _split(docs, seed, held_out)
+
+
+def _split(docs: list[str], seed: int, held_out: float) -> dict[str, list[str]]:
+    import numpy as np
+
+    order = np.random.default_rng(seed).permutation(len(docs))
+    k = max(1, round(held_out * len(docs)))
+    pick = lambda idx: [docs[i] for i in sorted(idx)]  # noqa: E731
+    return {"train": pick(order[2 * k :]), "valid": pick(order[:k]), "test": pick(order[k : 2 * k])}
+
+
+def train_bpe(texts: list[str], vocab: int = 4096):
+    """A byte-level BPE tokenizer (`tokenizers`) trained on ``texts``: every string encodes,
+    nothing is unknown. Token 0 is EOT."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)  # fmt: skip
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def windows(tokenizer, texts: list[str], context: int):
+    """The documents as one token stream (EOT between them), cut into non-overlapping windows
+    of ``context`` + 1 ids: inputs are [:, :-1], next-token targets [:, 1:]."""
+    import torch
+
+    eot = tokenizer.token_to_id(EOT)
+    stream: list[int] = []
+    for enc in tokenizer.encode_batch(texts):
+        stream += enc.ids + [eot]
+    n = (len(stream) - 1) // context
+    if n < 1:
+        raise ValueError(f"{len(stream)} tokens make no window of {context} + 1")
+    ids = torch.tensor(stream[: n * context + 1])
+    return torch.stack([ids[i * context : i * context + context + 1] for i in range(n)])

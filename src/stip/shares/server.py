@@ -1,4 +1,4 @@
-"""A share server (S1 or S2): public weights, one exact ring matmul per request.
+"""A share server (S1 or S2): public weights, one ring matmul per request.
 
 It never sees an activation, only one additive share of it: uniform ring elements. It holds
 no state between requests (P3 keeps the KV cache), and never talks to the other server.
