@@ -23,7 +23,7 @@ import torch
 from stip import wire
 from stip.he.runner import run
 from stip.models import data, polyformer as pf
-from stip.seal import polyvit
+from stip.seal import polyformer as seal_polyformer
 
 
 def best_of(f, repeats: int = 5) -> tuple[float, object]:
@@ -37,7 +37,7 @@ def best_of(f, repeats: int = 5) -> tuple[float, object]:
 
 
 def stip_run(model, images, plain) -> dict:
-    sealed = polyvit.seal(model)
+    sealed = seal_polyformer.seal(model)
     client, server = sealed.client, sealed.server
     with torch.no_grad():
         up_s, x = best_of(lambda: client.embed(images))
@@ -78,8 +78,8 @@ def main() -> int:
         return 0
     r = report
     print(f"CKKS N={r.params['poly_modulus_degree']}, log q={r.params['log_q']}, {r.params['levels']} levels, 128-bit; "
-          f"{r.images} images in one batch")
-    print(f"  encrypted: {r.seconds:.1f} s per batch, {r.seconds_per_image:.3f} s per image (amortised over the batch); "
+          f"{r.inputs} images in one batch")
+    print(f"  encrypted: {r.seconds:.1f} s per batch, {r.seconds_per_input:.3f} s per image (amortised over the batch); "
           f"server {r.server_seconds:.1f} s, client {r.client_seconds:.1f} s")
     print(f"  bytes up {r.bytes_up / 1e6:.1f} MB, down {r.bytes_down / 1e6:.1f} MB, keys {r.key_bytes / 1e6:.1f} MB; "
           f"{r.refresh_rounds} refresh rounds ({r.refreshed_ciphertexts} ciphertexts)")

@@ -63,3 +63,17 @@ def test_cli_trains_and_runs_encrypted(tmp_path):
     assert report["max_abs_error"] < 1e-2
     missing = subprocess.run(stip + ["he", "run", "--model", str(tmp_path / "nothing")], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 1 and "stip train polyformer" in missing.stderr
+
+
+def test_encrypted_next_token_logits_equal_the_plaintext_polynomial_lm():
+    """The LM form: the user encrypts its prompts' embeddings, the server applies the causal
+    mask and 1/S(i + 1) as one plaintext product and returns the last position's logits."""
+    torch.manual_seed(0)
+    cfg = pf.PRESETS["lm-tiny"]
+    model, ids = pf.PolyLM(cfg).eval(), torch.randint(0, cfg.vocab, (64, cfg.context))
+    pf.to_polynomial(model, ids, degree=2)
+    report, logits = runner.run(pf.he_plan(model), ids[:8].numpy())
+    with torch.no_grad():
+        ref = model(ids[:8])[:, -1].numpy()
+    assert logits.shape == (8, cfg.vocab) and np.abs(logits - ref).max() < 1e-2
+    assert (logits.argmax(-1) == ref.argmax(-1)).all() and report.argmax_agreement == 1.0 and report.inputs == 8

@@ -275,9 +275,9 @@ def _poly_vit():
 
 
 def _poly_sealed_error(model, images):
-    from stip.seal import polyvit
+    from stip.seal import polyformer as seal_polyformer
 
-    sealed = polyvit.seal(model)
+    sealed = seal_polyformer.seal(model)
     with torch.no_grad():
         got, ref = sealed.client.decode(sealed.server.body(sealed.client.embed(images))), model(images)
     return float((got - ref).abs().max() / ref.abs().max()), sealed  # relative: untrained logits are large

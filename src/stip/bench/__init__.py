@@ -232,11 +232,16 @@ def _mpc(subject, protocol: str, layers: int, reference, progress) -> Row:
 def _he(subject, reference, progress) -> Row:
     from ..he.runner import run as he_run
 
-    plan, patches = subject.he()
-    progress(f"HE (CKKS) on {len(patches)} image(s) …")
-    report, logits = he_run(plan, patches)
+    plan, inputs = subject.he()
+    progress(f"HE (CKKS) on {len(inputs)} input(s) in one batch …")
+    report, logits = he_run(plan, inputs)
     err, top1 = compare(logits, reference)
     p = report.params
+    notes = [f"HE: CKKS N={p['poly_modulus_degree']}, log q={p['log_q']}, 128-bit; {report.refresh_rounds} client-aided "
+             f"refresh rounds; public keys ({report.key_bytes:,} B, once) not counted in bytes up"]
+    ppl = getattr(subject, "perplexity", lambda _: None)
+    if ppl(logits) is not None:
+        notes.append(f"HE: next-token perplexity on the {len(inputs)} prompts {ppl(logits):,.2f} from the decrypted logits, "
+                     f"{ppl(reference):,.2f} from plaintext")
     return Row("he", subject.layers, 1, report.seconds, report.bytes_up, report.bytes_down, 1 + report.refresh_rounds, err, top1,
-               notes=[f"HE: CKKS N={p['poly_modulus_degree']}, log q={p['log_q']}, 128-bit; {report.refresh_rounds} client-aided "
-                      f"refresh rounds; public keys ({report.key_bytes:,} B, once) not counted in bytes up"])
+               notes=notes)

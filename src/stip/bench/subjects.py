@@ -142,56 +142,75 @@ class HFSubject:
 
 
 class PolySubject:
-    """A `stip train polyformer` folder: the polynomial ViT that every mode, HE included, runs."""
+    """A `stip train polyformer` folder: the polynomial ViT or LM that every mode, HE included,
+    runs. The LM's inputs are held-out prompts of ``tokens`` ids; every mode's output is the
+    next-token logits."""
 
-    kind = "polyvit"
-
-    def __init__(self, path: Path, batch: int, seed: int):
+    def __init__(self, path: Path, tokens: int, batch: int, seed: int):
         from ..models import data, polyformer
-        from ..seal import polyvit
+        from ..seal import polyformer as sealing
 
         self.model, info = polyformer.load(path)
         self.name = path.name
         self.layers = self.model.cfg.layers
-        _, test = data.load(info.get("dataset", "digits"), info.get("data_dir"), seed=info.get("seed", 0))
-        self.images = test.images[:batch]
-        self.batch = len(self.images)
-        self.tokens = self.model.cfg.tokens
+        self.lm = self.model.cfg.causal
+        self.kind = "polylm" if self.lm else "polyvit"
+        if self.lm:
+            self.tokens = min(tokens, self.model.cfg.context)
+            ids, self.targets = polyformer.held_out(path, batch, self.tokens)
+            self.inputs, self.he_inputs = torch.from_numpy(ids), ids
+        else:
+            _, test = data.load(info.get("dataset", "digits"), info.get("data_dir"), seed=info.get("seed", 0))
+            self.inputs = test.images[:batch]
+            self.tokens = self.model.cfg.tokens
+            self.he_inputs = self.model.patches(self.inputs).numpy()
+        self.batch = len(self.inputs)
         self.plan = polyformer.he_plan(self.model)
-        self.patches = self.model.patches(self.images).numpy()
-        self.sealed = polyvit.seal(self.model)
+        self.sealed = sealing.seal(self.model)
 
     def describe(self) -> str:
         c = self.model.cfg
+        if self.lm:
+            return (f"polynomial LM, {c.layers} layers, {c.heads} heads, width {c.dim}, vocabulary {c.vocab:,}; batch {self.batch} "
+                    f"held-out prompts of {self.tokens} tokens, next-token logits")
         return (f"polynomial ViT, {c.layers} layers, {c.heads} heads, width {c.dim}; batch {self.batch} images, "
                 f"{c.tokens} tokens of {c.patch}×{c.patch} patches")
+
+    def perplexity(self, logits) -> float | None:
+        """The LM's next-token perplexity on its prompts from these logits; None for the ViT."""
+        from ..models.polyformer import next_token_perplexity
+
+        return next_token_perplexity(np.asarray(logits), self.targets) if self.lm else None
+
+    def _next(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits[:, -1] if self.lm else logits
 
     @torch.no_grad()
     def plain(self, layers: int | None = None) -> torch.Tensor:
         if layers not in (None, self.layers):
-            raise Skip("the polynomial ViT runs at full depth only")
-        return self.model(self.images)
+            raise Skip("the polynomial models run at full depth only")
+        return self._next(self.model(self.inputs))
 
     @torch.no_grad()
     def stip(self) -> StipRun:
         client, server = self.sealed.client, self.sealed.server
-        x = client.embed(self.images)
-        y = server.body(x)
+        x = client.embed(self.inputs)
+        y = self._next(server.body(x))
         return StipRun(client.decode(y), len(wire.encode({"embeddings": x})), len(wire.encode({"logits": y})))
 
     def mpc(self, layers: int):
         from ..models import polyformer
 
         if layers != self.layers:
-            raise Skip("the polynomial ViT runs at full depth only")
+            raise Skip("the polynomial models run at full depth only")
         cfg, params = polyformer.to_mpc(self.model)
-        return cfg, params, polyformer.embed_plan(self.plan, self.patches)
+        return cfg, params, polyformer.embed_plan(self.plan, self.he_inputs)
 
     def he(self):
-        return self.plan, self.patches
+        return self.plan, self.he_inputs
 
     def shares(self, threads: int | None = 1, limbs: int = 2):
-        raise Skip("shares mode walks Hugging Face transformers; the polynomial ViT is not one")
+        raise Skip("shares mode walks Hugging Face transformers; the polynomial models are not")
 
 
 def load(path: str | Path | None, tokens: int = 32, batch: int = 1, seed: int = 0):
@@ -201,5 +220,5 @@ def load(path: str | Path | None, tokens: int = 32, batch: int = 1, seed: int = 
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     if polyformer.is_checkpoint(path):
-        return PolySubject(path, batch, seed)
+        return PolySubject(path, tokens, batch, seed)
     return HFSubject(path, tokens, batch, seed)

@@ -90,33 +90,60 @@ def train_mpcvit(
 @train_app.command("polyformer")
 def train_polyformer(
     out_dir: Path = typer.Argument(..., metavar="OUT", help="Run folder: checkpoints, model.safetensors, summary.json. Re-run to resume."),
-    preset: str = typer.Option("digits", "--preset", help="digits | tiny."),
-    dataset: str = typer.Option("digits", "--dataset", help="digits (bundled) | cifar10 | cifar100 | tiny-imagenet (local files)."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
-    epochs: int = typer.Option(40, "--epochs", min=0),
+    task: str = typer.Option("image", "--task", help="image: the ViT on an image dataset | lm: a causal language model on text."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="image: digits (default) | tiny. lm: lm (default) | lm-tiny."),
+    dataset: str = typer.Option("digits", "--dataset", help="image: digits (bundled) | cifar10 | cifar100 | tiny-imagenet (local files)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="image: the dataset's folder. lm: a text folder (WikiText's wiki.{train,valid,test}.tokens, or *.txt); default: CPython's own docs."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=0, help="Default: 40 (image), 8 (lm)."),
     degree: int = typer.Option(4, "--degree", min=1, help="Degree of the fitted polynomials (4 needs N=16384 under CKKS; 2 fits N=8192)."),
     method: str = typer.Option("lsq", "--fit", help="lsq | minimax, over the range each activation took on the training set."),
+    vocab: Optional[int] = typer.Option(None, "--vocab", min=256, help="lm: BPE vocabulary size (default: the preset's, 4096)."),
     seed: int = typer.Option(0, "--seed"),
     force: bool = typer.Option(False, "--force"),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
 ) -> None:
-    """Train the polynomial ViT (Zimerman et al.): pointwise attention scaled by 1/√L,
-    BatchNorm, range and variance penalties; then swap fitted polynomials in for the
-    activations and report accuracy before and after. `stip he run --model OUT` runs it under CKKS."""
+    """Train the polynomial transformer (Zimerman et al.): pointwise attention scaled by 1/√L
+    (causal for an LM: row i by 1/√(i+1)), BatchNorm, range and variance penalties; then swap
+    fitted polynomials in for the activations. Images: accuracy before and after. LM: a BPE
+    tokenizer on the corpus, a softmax/LayerNorm/GELU twin of the same size, and validation
+    and test perplexity of the twin, the LM before and after the swap. `stip he run --model
+    OUT` runs it under CKKS."""
     import json
 
     from ..models.data import DatasetMissing
-    from ..models.polyformer import train_polyformer as run
+    from ..models.polyformer import train_polylm, train_polyformer
+    from ..models.text import CorpusMissing
     from ..models.train import RunMismatch
 
+    if task not in ("image", "lm"):
+        fail("--task is image or lm")
     progress, tick = _stage_progress()
     try:
         with progress:
-            summary = run(out_dir, preset, dataset, data_dir, epochs, degree, method, seed=seed, tick=tick, force=force)
-    except (DatasetMissing, RunMismatch, ValueError) as e:
+            if task == "lm":
+                summary = train_polylm(out_dir, preset or "lm", data_dir, 8 if epochs is None else epochs, degree, method, seed=seed,
+                                       vocab=vocab, tick=tick, force=force)  # fmt: skip
+            else:
+                summary = train_polyformer(out_dir, preset or "digits", dataset, data_dir, 40 if epochs is None else epochs, degree,
+                                           method, seed=seed, tick=tick, force=force)  # fmt: skip
+    except (DatasetMissing, CorpusMissing, RunMismatch, ValueError) as e:
         fail(str(e))
     if as_json:
         print(json.dumps(summary))
         return
-    out.print(f"accuracy with GELU: {100 * summary['twin_accuracy']:.2f} %   with degree-{degree} polynomials: "
-              f"{100 * summary['polynomial_accuracy']:.2f} %   model: {out_dir / 'model.safetensors'}", highlight=False)
+    if task == "image":
+        out.print(f"accuracy with GELU: {100 * summary['twin_accuracy']:.2f} %   with degree-{degree} polynomials: "
+                  f"{100 * summary['polynomial_accuracy']:.2f} %   model: {out_dir / 'model.safetensors'}", highlight=False)
+        return
+    from rich.table import Table
+
+    c = summary["config"]
+    t = Table(title=f"polynomial LM: {c['layers']} layers, width {c['dim']}, {c['heads']} heads, context {c['context']}, "
+                    f"vocabulary {c['vocab']:,}; {summary['corpus']['train']['tokens']:,} training tokens")
+    for col in ("perplexity", "validation", "test"):
+        t.add_column(col, justify="right" if col != "perplexity" else "left")
+    for key, label in (("twin_perplexity", "softmax / LayerNorm / GELU twin"), ("gelu_perplexity", "polynomial-ready, GELU (before the swap)"),
+                       ("polynomial_perplexity", f"degree-{degree} polynomials")):
+        t.add_row(label, f"{summary[key]['valid']:,.1f}", f"{summary[key]['test']:,.1f}")
+    out.print(t)
+    out.print(f"model: {out_dir / 'model.safetensors'}   twin: {out_dir / 'twin.safetensors'}   (stip he run --model {out_dir})", highlight=False)

@@ -170,6 +170,16 @@ class Server:
             t = t + _ts().plain_tensor(np.broadcast_to(b, t.shape).tolist())
         return Enc(t, e.level - 1)
 
+    def encrypt(self, m: np.ndarray) -> Enc:
+        """A public constant, encrypted under the public key, for an elementwise product.
+        (TenSEAL's product of a ciphertext below the top level with a plaintext tensor breaks
+        the next matrix product: "parameter mismatch".)"""
+        return Enc(_ts().ckks_tensor(self._ctx, np.broadcast_to(m, (self.batch, *m.shape)).copy(), batch=True), self.params.levels)
+
+    def multiply(self, a: Enc, b: Enc) -> Enc:
+        """Elementwise product of two ciphertexts."""
+        return Enc(a.t * b.t, min(a.level, b.level) - 1)
+
     def add_plain(self, e: Enc, b: np.ndarray) -> Enc:
         return Enc(e.t + _ts().plain_tensor(np.broadcast_to(b, e.t.shape).tolist()), e.level)
 
@@ -185,6 +195,10 @@ class Server:
 
     def add(self, a: Enc, b: Enc) -> Enc:
         return Enc(a.t + b.t, min(a.level, b.level))
+
+    def rows(self, e: Enc, start: int, stop: int) -> Enc:
+        """Rows start..stop of a matrix: a selection of its ciphertexts, no arithmetic."""
+        return Enc(e.t._wrap(e.t.data.subscript([(start, stop), (0, e.t.shape[1])])), e.level)
 
     def reshape(self, e: Enc, shape: list[int]) -> Enc:
         return Enc(e.t.reshape(shape), e.level)

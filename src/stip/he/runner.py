@@ -1,11 +1,13 @@
-"""Encrypted inference of a polynomial ViT (``stip.models.polyformer``) under CKKS.
+"""Encrypted inference of a polynomial transformer (``stip.models.polyformer``) under CKKS.
 
-    report, logits = run(plan, patches)     # patches: (batch, tokens, patch_dim), the user's pixels
+    report, logits = run(plan, patches)     # ViT: (batch, tokens, patch_dim), the user's pixels
+    report, logits = run(plan, ids)         # LM: (batch, n) prompts → next-token logits
 
-The user (P3) encrypts its image patches and sends them with its public context; the server
-(P2) runs ``polyformer.plan_forward`` op for op on ciphertexts with its plaintext weights,
-refreshing through the user when depth runs out; the user decrypts the logits. Both sides live
-in this process but exchange only serialized bytes, and the server's context has no secret key.
+The user (P3) encrypts its image patches, or its prompts' token and position embeddings, and
+sends them with its public context; the server (P2) runs ``polyformer.plan_forward`` op for op
+on ciphertexts with its plaintext weights, refreshing through the user when depth runs out;
+the user decrypts the logits. Both sides live in this process but exchange only serialized
+bytes, and the server's context has no secret key.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from . import ckks
 
 @dataclass
 class CostReport:
-    images: int
+    inputs: int  # images or prompts, packed in the slots of one batch
     seconds: float  # wall time of the whole protocol, encryption to decryption
     server_seconds: float
     client_seconds: float
@@ -35,11 +37,11 @@ class CostReport:
     notes: list[str] = field(default_factory=list)
 
     @property
-    def seconds_per_image(self) -> float:
-        return self.seconds / self.images
+    def seconds_per_input(self) -> float:
+        return self.seconds / self.inputs
 
     def to_json(self) -> dict:
-        return {**asdict(self), "seconds_per_image": self.seconds_per_image}
+        return {**asdict(self), "seconds_per_input": self.seconds_per_input}
 
 
 def depth_needed(plan: dict) -> int:
@@ -49,8 +51,13 @@ def depth_needed(plan: dict) -> int:
 
 
 def encrypted_forward(server: ckks.Server, plan: dict, x: ckks.Enc) -> ckks.Enc:
-    s = server
-    x = s.add_plain(s.linear(x, plan["patch"]), plan["pos"])
+    from ..models.polyformer import attention_mask, plan_config
+
+    s, cfg = server, plan_config(plan)
+    if not cfg.causal:  # the ViT's patch embedding is the server's; the LM's embedding the user's
+        x = s.add_plain(s.linear(x, plan["patch"]), plan["pos"])
+    n = x.t.shape[0]
+    mask = s.encrypt(attention_mask(cfg, n)) if cfg.causal else None
     for layer in plan["layers"]:
         heads = layer["heads"]
         (x,) = s.ensure([x], 2)  # q, k, v, then one product
@@ -61,6 +68,8 @@ def encrypted_forward(server: ckks.Server, plan: dict, x: ckks.Enc) -> ckks.Enc:
         depth = ckks.poly_depth(len(layer["attn_poly"]) - 1)
         scores = s.ensure(scores, depth)
         weights = [s.poly(e, layer["attn_poly"]) for e in scores]
+        if mask is not None:  # the causal mask and each row's 1/S(i + 1), elementwise
+            weights = [s.multiply(w, mask) for w in s.ensure(weights, 1)]
         both = s.ensure(weights + v, 1)
         outs = [s.product(w, vv) for w, vv in zip(both[: len(heads)], both[len(heads):])]
         outs = s.ensure(outs, 1)
@@ -74,13 +83,16 @@ def encrypted_forward(server: ckks.Server, plan: dict, x: ckks.Enc) -> ckks.Enc:
         (u,) = s.ensure([s.poly(u, layer["mlp_poly"])], 1)
         x = s.add(x, s.linear(u, layer["w2"], layer["b2"]))
     (x,) = s.ensure([x], 1)
+    if cfg.causal:  # the next token's logits: the last position only
+        return s.linear(s.rows(x, n - 1, n), plan["head"], plan["head_bias"])
     tokens, dim = x.t.shape
     # mean pool + head in one product: (1, tokens·dim) · (the head tiled per token)
     return s.linear(s.reshape(x, [1, tokens * dim]), np.tile(plan["head"], (tokens, 1)), plan["head_bias"])
 
 
-def run(plan: dict, patches: np.ndarray, params: ckks.Params | None = None, threads: int | None = None) -> tuple[CostReport, np.ndarray]:
-    from ..models.polyformer import plan_forward
+def run(plan: dict, inputs: np.ndarray, params: ckks.Params | None = None, threads: int | None = None) -> tuple[CostReport, np.ndarray]:
+    """``inputs``: a ViT's patches, or an LM's token ids (batch, n), all prompts of one length."""
+    from ..models.polyformer import embed_plan, plan_config, plan_forward
 
     params = params or ckks.params_for(depth_needed(plan))
     link = ckks.Link()
@@ -96,25 +108,25 @@ def run(plan: dict, patches: np.ndarray, params: ckks.Params | None = None, thre
         return out
 
     c0 = time.perf_counter()
-    blob = user.encrypt(patches)
+    blob = user.encrypt(embed_plan(plan, inputs, np.float64) if plan_config(plan).causal else inputs)
     link.client_seconds += time.perf_counter() - c0
     link.bytes_up += len(blob)
     s0, client_before = time.perf_counter(), link.client_seconds
-    server = ckks.Server(public, params, len(patches), round_trip, link)
+    server = ckks.Server(public, params, len(inputs), round_trip, link)
     out = encrypted_forward(server, plan, server.load(blob)).t.serialize()
     server_seconds = time.perf_counter() - s0 - (link.client_seconds - client_before)
     link.bytes_down += len(out)
     c0 = time.perf_counter()
-    logits = user.decrypt(out).reshape(len(patches), -1)
+    logits = user.decrypt(out).reshape(len(inputs), -1)
     link.client_seconds += time.perf_counter() - c0
     seconds = time.perf_counter() - t0
-    ref = plan_forward(plan, patches.astype(np.float64))
+    ref = plan_forward(plan, inputs if plan_config(plan).causal else inputs.astype(np.float64))
     report = CostReport(
-        images=len(patches), seconds=seconds, server_seconds=server_seconds, client_seconds=link.client_seconds,
+        inputs=len(inputs), seconds=seconds, server_seconds=server_seconds, client_seconds=link.client_seconds,
         bytes_up=link.bytes_up, bytes_down=link.bytes_down, key_bytes=link.key_bytes, refresh_rounds=link.refresh_rounds,
         refreshed_ciphertexts=link.refreshed_ciphertexts, max_abs_error=float(np.abs(logits - ref).max()),
         argmax_agreement=float((logits.argmax(-1) == ref.argmax(-1)).mean()), params=params.describe(),
-        notes=[f"{len(patches)} images packed in the slots of one batch: seconds are for the whole batch",
+        notes=[f"{len(inputs)} {'prompts' if plan_config(plan).causal else 'images'} packed in the slots of one batch: seconds are for the whole batch",
                f"client-aided refresh: masks uniform in ±{ckks.MASK_BOUND:g}, one round trip per refresh"],
     )
     return report, logits

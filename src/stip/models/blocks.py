@@ -37,13 +37,13 @@ class Config:
     attention: str | tuple = "softmax"  # one kind, or per layer a tuple of per-head kinds
     causal: bool = False
     rope_theta: float | None = None
-    # None | "first_token" (ViT classifier) | "every_token" (LM head) | "token_sum" (a mean pool
-    # whose 1/n is folded into the head weights)
+    # None | "first_token" (ViT classifier) | "every_token" (LM head) | "last_token" (the next
+    # token only) | "token_sum" (a mean pool whose 1/n is folded into the head weights)
     head: str | None = None
     # coefficients c0 + c1 x + … for "poly" activations; or one such tuple per layer
     poly_act: tuple = ()
     poly_attn: tuple = ()  # the same for "poly" attention scores
-    attn_scale: str = "none"  # poly attention: divide by "none" | "sqrt_n" | "n"
+    attn_scale: str = "none"  # poly attention: divide by "none" | "sqrt_n" | "n" (causal: of each row's length)
     # MPCViT+: per layer, the token rows whose MLP activation is kept; the others are identity
     act_rows: tuple[tuple[int, ...], ...] | None = None
 

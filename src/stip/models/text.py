@@ -81,11 +81,13 @@ class CorpusMissing(FileNotFoundError):
 
 def documents() -> list[str]:
     """The built-in corpus: the language reference's 79 documents, then every docstring of the
-    standard library (about 2 MB of English, with code examples in it), whitespace collapsed."""
+    standard library (about 2 MB of English, with code examples in it), whitespace collapsed,
+    each distinct text once."""
     from pydoc_data.topics import topics
 
     docs = [topics[k] for k in sorted(topics)] + _docstrings()
-    return [d for d in (re.sub(r"\s+", " ", d).strip() for d in docs) if len(d) >= 20]
+    unique = dict.fromkeys(re.sub(r"\s+", " ", d).strip() for d in docs)  # a docstring copied between modules counts once
+    return [d for d in unique if len(d) >= 20]
 
 
 def corpus(folder: str | Path | None = None, seed: int = 0, held_out: float = 0.05) -> dict[str, list[str]]:

@@ -92,8 +92,9 @@ def _weights(kind: str, s, bias, cfg: Config, n: int, layer: int):
         w = r / (jnp.sum(r, -1, keepdims=True) + 1e-5)
     elif kind == "scaling":
         w = s * (bias == 0) / n
-    else:  # polynomial attention (Zimerman et al.): pointwise, scaled by the length
-        scale = {"none": 1.0, "sqrt_n": 1.0 / np.sqrt(n), "n": 1.0 / n}[cfg.attn_scale]
+    else:  # polynomial attention (Zimerman et al.): pointwise, scaled by the length (causal: row i's, i + 1)
+        length = np.arange(1, n + 1, dtype=np.float64)[:, None] if cfg.causal else float(n)
+        scale = {"none": 1.0, "sqrt_n": 1.0 / np.sqrt(length), "n": 1.0 / length}[cfg.attn_scale]
         w = _poly(_coeffs(cfg.poly_attn, layer), s) * (bias == 0) * scale
     return w
 
@@ -148,6 +149,8 @@ def forward(cfg: Config, params: dict, x, mask=None):
         h = _norm(cfg, h, params["final_norm"])
     if cfg.head == "first_token":
         return h[:, 0] @ params["head"]["w"] + params["head"]["b"]
+    if cfg.head == "last_token":
+        return h[:, -1] @ params["head"]["w"] + params["head"]["b"]
     if cfg.head == "token_sum":
         return h.sum(1) @ params["head"]["w"] + params["head"]["b"]
     if cfg.head == "every_token":

@@ -1,18 +1,18 @@
-"""The polynomial ViT of stip.models.polyformer (the CKKS baseline's model), so that STIP runs
-on the very model HE runs on.
+"""The polynomial transformers of stip.models.polyformer (the CKKS baseline's models), the ViT
+and the LM, so that STIP runs on the very model HE runs on.
 
-    patch embedding, position embedding      P3's (the client embeds the patches)
+    patch or token embedding, position       P3's (the client embeds the patches or tokens)
     norm1 / norm2 / norm (BatchNorm)         γ, β, running mean and variance [π]
     attn q, k / v, o                         as BERT: π_{i,1} / π_{i,2} head-structured
     fc1 / norm_mlp / fc2                     in π, out π_{i,3} / [π_{i,3}] / in π_{i,3}, out π
-    head (after the mean pool)               in π, out π_c
+    head (after the mean pool, or per token) in π, out π_c (the classes, or the vocabulary)
 
 The attention activation is pointwise on QKᵀ, which head-structured permutations leave
 unchanged up to the head order, so the rule is BERT's. Not behind ``stip.seal.seal``'s
 dispatch: that one reads a Hugging Face config; this model has none.
 
     sealed = seal(model)                     # Sealed(server, client, key), model untouched
-    logits = sealed.client.decode(sealed.server.body(sealed.client.embed(images)))
+    logits = sealed.client.decode(sealed.server.body(sealed.client.embed(images or ids)))
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ from ..models import polyformer
 from ..keys import PI, PI_C, Attention, Free, Key
 
 MODEL_TYPES = ("stip-polyformer",)
-ARCHITECTURES = ("PolyViT",)
+ARCHITECTURES = ("PolyViT", "PolyLM")
 
 
 def layout(model) -> dict:
     c = model.cfg
-    out = {PI: Free(c.dim), PI_C: Free(c.classes)}
+    out = {PI: Free(c.dim), PI_C: Free(c.vocab if c.causal else c.classes)}
     for i, blk in enumerate(model.blocks):
         out[f"layer.{i}.attn"] = Attention(c.heads, c.heads, c.dim // c.heads, rope=False)
         out[f"layer.{i}.ffn"] = Free(blk.fc1.out_features)
@@ -48,7 +48,7 @@ def identity(model) -> dict:
     for name, t in sorted(model.state_dict().items()):
         h.update(f"{name}:{tuple(t.shape)}".encode())
         h.update(t.detach().contiguous().cpu().numpy().tobytes())
-    return {"model_type": MODEL_TYPES[0], "architecture": ARCHITECTURES[0], "digest": h.hexdigest()}
+    return {"model_type": MODEL_TYPES[0], "architecture": type(model).__name__, "digest": h.hexdigest()}
 
 
 def seal_(model, key: Key, step=lambda _: None) -> None:
@@ -71,18 +71,29 @@ def seal_(model, key: Key, step=lambda _: None) -> None:
     step("head")
 
 
+def _embedding(model) -> list[torch.Tensor]:
+    """The weights of the user's side: what P2 never holds."""
+    first = (model.tokens.weight,) if model.cfg.causal else (model.patch.weight, model.patch.bias)
+    return [*first, model.pos]
+
+
 class Client:
-    """P3: the patch and position embedding and the client key (π, π_c); no other weight."""
+    """P3: the patch (ViT) or token (LM) and position embedding and the client key (π, π_c);
+    no other weight."""
 
     def __init__(self, model, key: keys_.ClientKey):
-        self.patch_size = model.cfg.patch
-        self.patch = copy.deepcopy(model.patch).eval()
+        self.cfg = model.cfg
+        self.embedding = copy.deepcopy(model.tokens if model.cfg.causal else model.patch).eval()
         self.pos = model.pos.detach().clone()
         self.key = key
 
     @torch.no_grad()
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.patch(polyformer.patches(images, self.patch_size)) + self.pos
+    def embed(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Images (batch, C, H, W), or token ids (batch, n) → permuted embeddings."""
+        if self.cfg.causal:
+            x = self.embedding(inputs) + self.pos[:, : inputs.shape[1]]
+        else:
+            x = self.embedding(polyformer.patches(inputs, self.cfg.patch)) + self.pos
         return permute(x, self.key.pi)
 
     def decode(self, logits: torch.Tensor) -> torch.Tensor:
@@ -91,7 +102,7 @@ class Client:
 
 @dataclass
 class Sealed:
-    server: torch.nn.Module  # P2's PolyViT: sealed blocks and head, embedding weights zeroed
+    server: torch.nn.Module  # P2's PolyViT or PolyLM: sealed blocks and head, embedding weights zeroed
     client: Client
     key: Key
 
@@ -105,6 +116,6 @@ def seal(model, key: Key | None = None) -> Sealed:
     server = copy.deepcopy(model).eval()
     seal_(server, key)
     with torch.no_grad():  # P2 never holds P3's embedding
-        for t in (server.patch.weight, server.patch.bias, server.pos):
+        for t in _embedding(server):
             t.zero_()
     return Sealed(server=server, client=Client(model, key.client_key()), key=key)
