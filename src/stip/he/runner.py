@@ -83,8 +83,8 @@ def encrypted_forward(server: ckks.Server, plan: dict, x: ckks.Enc) -> ckks.Enc:
         (u,) = s.ensure([s.poly(u, layer["mlp_poly"])], 1)
         x = s.add(x, s.linear(u, layer["w2"], layer["b2"]))
     (x,) = s.ensure([x], 1)
-    if cfg.causal:  # the next token's logits: the last position only
-        return s.linear(s.rows(x, n - 1, n), plan["head"], plan["head_bias"])
+    if cfg.causal:  # the next token's logits: the last position only, on the fewest primes
+        return s.linear(s.lower(s.rows(x, n - 1, n), 1), plan["head"], plan["head_bias"])
     tokens, dim = x.t.shape
     # mean pool + head in one product: (1, tokens·dim) · (the head tiled per token)
     return s.linear(s.reshape(x, [1, tokens * dim]), np.tile(plan["head"], (tokens, 1)), plan["head_bias"])

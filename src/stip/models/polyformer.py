@@ -489,8 +489,9 @@ def train_polyformer(out, preset: str = "digits", dataset: str = "digits", data_
     from . import data
     from .train import Schedule, accuracy, fit, open_run
 
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    if preset not in PRESETS or PRESETS[preset].task != "image":
+        raise ValueError(f"unknown image preset {preset!r} (choose from {', '.join(k for k, c in PRESETS.items() if c.task == 'image')}; "
+                         "--task lm for a language model)")
     out = Path(out)
     train, test = data.load(dataset, data_dir, seed=seed)
     cfg = replace(PRESETS[preset], classes=train.classes, channels=train.images.shape[1], image_size=train.images.shape[-1])
@@ -547,7 +548,7 @@ def train_polylm(out, preset: str = "lm", data_dir=None, epochs: int = 8, degree
     ppl = lambda m: {k: perplexity(m, windows[k]) for k in ("valid", "test")}  # noqa: E731
     models = {}
     # α = 1: at the ViT's 1e-2 the MLP's inputs spread to ±10.7 and the degree-4 swap took the
-    # validation perplexity from 203 to 390; at 1, ±6.8 and 199 → 248 (dim 32, 6 epochs)
+    # validation perplexity from 203 to 390; at 1, ±6.8 and 199 → 248 (dim 32, 6 epochs; docs/he.md)
     for stage, c in (("twin", replace(cfg, attention="softmax", norm="layer")), ("train", cfg)):
         torch.manual_seed(seed)
         models[stage] = PolyLM(c)

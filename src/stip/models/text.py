@@ -27,7 +27,8 @@ def _clean(text: str) -> list[str]:
             if 40 <= len(s) <= 200 and s[0].isupper() and s[-1] in ".?!" and not _CODE.search(s)]
 
 
-def _docstrings() -> list[str]:
+@lru_cache(maxsize=1)
+def _docstrings() -> tuple[str, ...]:
     root = Path(sysconfig.get_paths()["stdlib"])
     out = []
     for f in sorted(root.glob("*.py")) + sorted(root.glob("*/*.py")):
@@ -42,7 +43,7 @@ def _docstrings() -> list[str]:
                 doc = ast.get_docstring(node)
                 if doc:
                     out.append(doc)
-    return out
+    return tuple(out)
 
 
 @lru_cache(maxsize=1)
@@ -50,7 +51,7 @@ def _all() -> tuple[str, ...]:
     from pydoc_data.topics import topics
 
     seen, out = set(), []
-    for text in [topics[k] for k in sorted(topics)] + _docstrings():
+    for text in [topics[k] for k in sorted(topics)] + list(_docstrings()):
         for s in _clean(text):
             if s not in seen:
                 seen.add(s)
@@ -85,7 +86,7 @@ def documents() -> list[str]:
     each distinct text once."""
     from pydoc_data.topics import topics
 
-    docs = [topics[k] for k in sorted(topics)] + _docstrings()
+    docs = [topics[k] for k in sorted(topics)] + list(_docstrings())
     unique = dict.fromkeys(re.sub(r"\s+", " ", d).strip() for d in docs)  # a docstring copied between modules counts once
     return [d for d in unique if len(d) >= 20]
 
