@@ -146,5 +146,4 @@ def windows(tokenizer, texts: list[str], context: int):
     n = (len(stream) - 1) // context
     if n < 1:
         raise ValueError(f"{len(stream)} tokens make no window of {context} + 1")
-    ids = torch.tensor(stream[: n * context + 1])
-    return torch.stack([ids[i * context : i * context + context + 1] for i in range(n)])
+    return torch.tensor(stream[: n * context + 1]).unfold(0, context + 1, context)  # neighbours share one id
