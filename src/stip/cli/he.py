@@ -18,7 +18,7 @@ def he_run(
     model: Path = typer.Option(..., "--model", metavar="OUT", help="A `stip train polyformer` folder or its model.safetensors."),
     images: int = typer.Option(16, "--images", min=1, help="ViT: test images to encrypt, packed in one batch's slots."),
     prompts: int = typer.Option(32, "--prompts", min=1, help="LM: held-out prompts to encrypt, packed in one batch's slots."),
-    tokens: int = typer.Option(4, "--tokens", min=1, help="LM: tokens per prompt (at most the model's context). Memory grows with it: the default LM took 18 GB at 4 and did not fit in 24 GB at 8."),
+    tokens: int = typer.Option(4, "--tokens", min=1, help="LM: tokens per prompt (at most the model's context). Memory grows with it: the default LM took 17 GiB at 4 and did not fit in 24 GB at 8."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Encrypted inference: the user encrypts image patches (ViT) or its prompts' embeddings
