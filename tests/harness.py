@@ -81,7 +81,8 @@ def run_shares(case: Case) -> dict:
 
 def assert_equivalent(case: Case, sealed: Sealed | None = None, atol: float = ATOL, run=None) -> float:
     """Sealed path (or ``run(case)``, another private path) == plaintext within ``atol`` on
-    real positions, same argmax. Returns max error."""
+    real positions, same argmax wherever plaintext's top two differ by more than ``atol``.
+    Returns max error."""
     plain = run_plain(case)
     got = run(case) if run is not None else run_sealed(sealed or seal(case.model), case)
     assert got, "the private path returned no outputs"
@@ -95,8 +96,10 @@ def assert_equivalent(case: Case, sealed: Sealed | None = None, atol: float = AT
         err = float((value - ref).abs().max())
         worst = max(worst, err)
         assert err <= atol, f"{name}: max abs error {err:.2e} > {atol:.0e}"
-        if name == "logits":
-            assert torch.equal(value.argmax(-1), ref.argmax(-1)), f"{name}: argmax differs"
+        if name == "logits":  # where the reference ties within atol there is no argmax to keep
+            top = ref.topk(2, dim=-1).values
+            clear = top[..., 0] - top[..., 1] > atol
+            assert torch.equal(value.argmax(-1)[clear], ref.argmax(-1)[clear]), f"{name}: argmax differs"
     return worst
 
 
