@@ -239,9 +239,9 @@ def _he(subject, reference, progress) -> Row:
     p = report.params
     notes = [f"HE: CKKS N={p['poly_modulus_degree']}, log q={p['log_q']}, 128-bit; {report.refresh_rounds} client-aided "
              f"refresh rounds; public keys ({report.key_bytes:,} B, once) not counted in bytes up"]
-    ppl = getattr(subject, "perplexity", lambda _: None)
-    if ppl(logits) is not None:
-        notes.append(f"HE: next-token perplexity on the {len(inputs)} prompts {ppl(logits):,.2f} from the decrypted logits, "
-                     f"{ppl(reference):,.2f} from plaintext")
+    decrypted = subject.perplexity(logits)  # only polynomial subjects reach here: HF ones skip HE
+    if decrypted is not None:
+        notes.append(f"HE: next-token perplexity on the {len(inputs)} prompts {decrypted:,.2f} from the decrypted logits, "
+                     f"{subject.perplexity(reference):,.2f} from plaintext")
     return Row("he", subject.layers, 1, report.seconds, report.bytes_up, report.bytes_down, 1 + report.refresh_rounds, err, top1,
                notes=notes)
