@@ -73,7 +73,7 @@ def _true_key(sealed: Path):
 
 
 def _public(src: str | Path):
-    from ..seal import load_source
+    from ..models.source import load_source
 
     return load_source(src)
 

@@ -203,7 +203,7 @@ def suite(public_src, texts, layers=(1, 2), requests: int = 100, proposals: int 
     uniformity of every byte each server received. Chat models get the causal matching after
     each of ``layers`` and frequency analysis over ``requests`` chat requests (real sentences,
     prompts only: `scenario.chat_prompts`)."""
-    from ..seal import load_source
+    from ..models.source import load_source
     from .scenario import _causal, chat_prompts, prompt_ids
 
     public = load_source(public_src)

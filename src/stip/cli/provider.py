@@ -76,7 +76,7 @@ def seal(
 
 def _warn_public_base(src: Path, base: Path) -> None:
     from ..attacks import exposure
-    from ..seal import load_source
+    from ..models.source import load_source
 
     report = exposure.compare(load_source(src), load_source(base))
     found = exposure.warnings(report)

@@ -48,7 +48,7 @@ def run(job: Job, model=None) -> tuple[CostReport, dict]:
         images = torch.randn(1, c.channels, c.image_size, c.image_size, generator=torch.Generator().manual_seed(job.seed))
         x, model_type = mpcvit.embed(model, images), "mpcvit"
     else:
-        from ..seal import load_source
+        from ..models.source import load_source
 
         model = model if model is not None else load_source(job.model)
         cfg, params = from_hf(model)

@@ -26,33 +26,17 @@ import torch
 from .. import keys as keys_
 from ..client.bundle import EMBEDDINGS, MODES, TOKENS, ClientBundle
 from ..keys import Key
+from ..models import source
+from ..models.source import UnsupportedModel, load_source, supported  # noqa: F401  (P1's API too)
 from . import bert, gpt2, llama, swin, vit
 
-FAMILIES: tuple[ModuleType, ...] = (bert, gpt2, llama, vit, swin)
+FAMILIES: dict[str, ModuleType] = {"bert": bert, "gpt2": gpt2, "llama": llama, "vit": vit, "swin": swin}
 SERVER_META = "stip"  # the config.json entry that tells P2 what is client-side
 
 
-class UnsupportedModel(ValueError):
-    pass
-
-
-def supported() -> dict[str, tuple[str, ...]]:
-    """model_type -> supported architecture classes."""
-    return {t: fam.ARCHITECTURES for fam in FAMILIES for t in fam.MODEL_TYPES}
-
-
 def family_of(model) -> ModuleType:
-    mt = getattr(model.config, "model_type", None)
-    arch = type(model).__name__
-    for fam in FAMILIES:
-        if mt in fam.MODEL_TYPES:
-            if arch not in fam.ARCHITECTURES:
-                raise UnsupportedModel(
-                    f"{arch} is not supported for model_type {mt!r}; supported: {', '.join(fam.ARCHITECTURES)}"
-                )
-            return fam
-    listing = "; ".join(f"{t}: {', '.join(a)}" for t, a in supported().items())
-    raise UnsupportedModel(f"model_type {mt!r} ({arch}) is not supported. Supported architectures — {listing}")
+    """The sealing module for ``model`` (`stip.models.source` says which architectures)."""
+    return FAMILIES[source.family(model)]
 
 
 def base_prefix(model) -> str:
@@ -206,29 +190,6 @@ PREPROCESSING_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-
-
-def load_source(src: str | Path):
-    """Load a local Hugging Face model folder (never a hub id: nothing is downloaded)."""
-    import transformers
-
-    src = Path(src)
-    if not (src / "config.json").is_file():
-        raise FileNotFoundError(f"{src} is not a local Hugging Face model folder (no config.json)")
-    config = transformers.AutoConfig.from_pretrained(src, local_files_only=True)
-    archs = getattr(config, "architectures", None) or []
-    mt = config.model_type
-    allowed = supported().get(mt)
-    if allowed is None:
-        listing = "; ".join(f"{t}: {', '.join(a)}" for t, a in supported().items())
-        raise UnsupportedModel(f"model_type {mt!r} is not supported. Supported architectures — {listing}")
-    arch = next((a for a in archs if a in allowed), None)
-    if arch is None:
-        raise UnsupportedModel(
-            f"{src} declares architectures {archs or '(none)'}; supported for {mt!r}: {', '.join(allowed)}"
-        )
-    model = getattr(transformers, arch).from_pretrained(src, local_files_only=True, dtype=torch.float32)
-    return model.eval()
 
 
 def seal_folder(

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from . import rules
 from ..keys import PI, PI_C, Attention, Free, Key
+from ..models import source
 
-MODEL_TYPES = ("bert",)
-ARCHITECTURES = ("BertModel", "BertForSequenceClassification", "BertForTokenClassification")
+MODEL_TYPES, ARCHITECTURES = source.FAMILIES["bert"]
 
 
 def _body(model):

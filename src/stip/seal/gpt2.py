@@ -15,9 +15,9 @@ import torch
 
 from . import rules
 from ..keys import PI, PI_C, Attention, Free, Key
+from ..models import source
 
-MODEL_TYPES = ("gpt2",)
-ARCHITECTURES = ("GPT2LMHeadModel",)
+MODEL_TYPES, ARCHITECTURES = source.FAMILIES["gpt2"]
 
 
 def layout(model) -> dict:

@@ -16,9 +16,9 @@ from __future__ import annotations
 from . import rules
 from .gpt2 import untie_lm_head
 from ..keys import PI, PI_C, Attention, Free, Key
+from ..models import source
 
-MODEL_TYPES = ("llama", "qwen2", "mistral")
-ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+MODEL_TYPES, ARCHITECTURES = source.FAMILIES["llama"]
 
 
 def _head_dim(c) -> int:

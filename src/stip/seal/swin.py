@@ -16,9 +16,9 @@ from __future__ import annotations
 from . import rules
 from .vit import seal_blocks
 from ..keys import PI, PI_C, Attention, Free, Key
+from ..models import source
 
-MODEL_TYPES = ("swin",)
-ARCHITECTURES = ("SwinForImageClassification",)
+MODEL_TYPES, ARCHITECTURES = source.FAMILIES["swin"]
 
 
 def stage_perm_name(s: int) -> str:

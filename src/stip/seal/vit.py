@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from . import rules
 from ..keys import PI, PI_C, Attention, Free, Key
+from ..models import source
 
-MODEL_TYPES = ("vit",)
-ARCHITECTURES = ("ViTForImageClassification", "ViTModel")
+MODEL_TYPES, ARCHITECTURES = source.FAMILIES["vit"]
 
 
 def _body(model):
