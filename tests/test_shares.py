@@ -16,7 +16,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from stip import wire
+from stip import tls, wire
 from stip.attacks import shares as attacks
 from stip.models import chat
 from stip.serve.process import ServerProcess
@@ -156,13 +156,31 @@ def _ask(sock, tensors, meta):
     return wire.decode(protocol.recv(sock))
 
 
+def _closed(sock) -> bool:
+    try:
+        return protocol.recv(sock) is None
+    except ConnectionError:
+        return True
+
+
+def test_server_takes_one_small_hello_from_a_stranger(tiny_server):
+    host, port = protocol.parse_address(tiny_server.address)
+    x = torch.zeros(1, 8, dtype=torch.int64)
+    for tensors, meta in [({"x": x}, {"op": "0.qkv"}), ({}, {"op": "hello", "token": "wrong"}),
+                          ({}, {"op": "hello", "token": "s3crét"})]:  # fmt: skip  (not ASCII: no crash)
+        with socket.create_connection((host, port)) as sock:
+            assert "unauthorised" in _ask(sock, tensors, meta)[1]["error"]
+            assert _closed(sock)  # one frame before a good hello, no second try
+    with socket.create_connection((host, port)) as sock:  # bulk data before hello: refused unread
+        protocol.send(sock, wire.encode({"x": torch.zeros(1, 4096, dtype=torch.int64)}, {"op": "0.qkv"}))
+        assert "before hello" in wire.decode(protocol.recv(sock))[1]["error"]
+        assert _closed(sock)
+
+
 def test_server_refuses_bad_requests_and_keeps_the_connection(tiny_server):
     host, port = protocol.parse_address(tiny_server.address)
     x = torch.zeros(1, 8, dtype=torch.int64)
     with socket.create_connection((host, port)) as sock:
-        assert "unauthorised" in _ask(sock, {"x": x}, {"op": "0.qkv"})[1]["error"]
-        assert "unauthorised" in _ask(sock, {}, {"op": "hello", "token": "wrong"})[1]["error"]
-        assert "unauthorised" in _ask(sock, {}, {"op": "hello", "token": "s3crét"})[1]["error"]  # not ASCII: no crash
         hello = _ask(sock, {}, {"op": "hello", "token": "s3cret"})[1]
         assert json.loads(hello["ops"])["0.qkv"] == [8, 16]
         assert "unknown matmul" in _ask(sock, {"x": x}, {"op": "9.qkv"})[1]["error"]
@@ -172,9 +190,9 @@ def test_server_refuses_bad_requests_and_keeps_the_connection(tiny_server):
         assert _ask(sock, {"x": x}, {"op": "0.qkv"})[0]["y"].shape == (1, 16)
         sock.sendall(b"\x05\x00\x00\x00\x00\x00\x00\x00junk!")  # not a message: an error reply
         assert "malformed" in wire.decode(protocol.recv(sock))[1]["error"]
-        sock.sendall((1 << 40).to_bytes(8, "little"))  # a frame too large: the server hangs up
-        with pytest.raises(ConnectionError):
-            protocol.recv(sock)
+        sock.sendall((1 << 40).to_bytes(8, "little"))  # a frame too large: an error, then the server hangs up
+        assert "over the limit" in wire.decode(protocol.recv(sock))[1]["error"]
+        assert _closed(sock)
     with Servers([tiny_server.address, tiny_server.address.replace("127.0.0.1", "localhost")], token="s3cret") as s:
         assert s.model.startswith("llama-")  # and it still serves new connections
     with pytest.raises(SharesError, match="unauthorised"):
@@ -204,12 +222,28 @@ def test_client_refuses_one_server_twice_and_a_dead_server(tiny_server):
 # --- the real models, servers as subprocesses ---------------------------------------------------------
 
 
-def _servers(src, *args):
-    return ServerProcess(src, "--threads", "1", *args, command="share-server", timeout=300)
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    """S1's and S2's certificates: the real models' servers run TLS 1.3, P3 pins both."""
+    d = tmp_path_factory.mktemp("certs")
+    return [(d / f"s{i}.crt", d / f"s{i}.key", tls.self_signed(d / f"s{i}.crt", d / f"s{i}.key")) for i in (1, 2)]
+
+
+def _server(src, cert):
+    return ServerProcess(src, "--threads", "1", "--tls-cert", str(cert[0]), "--tls-key", str(cert[1]),
+                         command="share-server", timeout=300)  # fmt: skip
+
+
+def _trust(certs) -> list:
+    return [tls.Trust(pin=pin) for _, _, pin in certs]
+
+
+def _pins(certs) -> str:
+    return ",".join(pin for _, _, pin in certs)
 
 
 @pytest.mark.slow
-def test_minilm_embeddings_through_two_share_server_processes(minilm_path):
+def test_minilm_embeddings_through_two_share_server_processes(minilm_path, certs):
     from transformers import AutoModel, AutoTokenizer
 
     from stip.models.default import mean_pool
@@ -220,13 +254,14 @@ def test_minilm_embeddings_through_two_share_server_processes(minilm_path):
     with torch.no_grad():
         h = AutoModel.from_pretrained(minilm_path)(**batch).last_hidden_state
     ref = torch.nn.functional.normalize(mean_pool(h, batch["attention_mask"]), dim=-1)
-    with _servers(minilm_path) as s1, _servers(minilm_path) as s2:
-        with Servers([s1.url, s2.url]) as conn:
+    with _server(minilm_path, certs[0]) as s1, _server(minilm_path, certs[1]) as s2:
+        with Servers([s1.url, s2.url], trust=_trust(certs)) as conn:
             got = SharesModel(minilm_path, conn).encode(texts)
             assert conn.stats.rounds == 6 * 4 and min(conn.stats.bytes_up) > 0
         cos = (got.embedding * ref).sum(-1)
         assert cos.min() >= 0.9999, cos
-        r = subprocess.run([sys.executable, "-m", "stip.cli", "query", "minilm", *texts, "--shares", f"{s1.url},{s2.url}", "--json"],
+        r = subprocess.run([sys.executable, "-m", "stip.cli", "query", "minilm", *texts, "--shares", f"{s1.url},{s2.url}",
+                            "--pin", _pins(certs), "--json"],
                            capture_output=True, text=True, timeout=120)  # fmt: skip
         assert r.returncode == 0, r.stderr
         emb = torch.tensor(json.loads(r.stdout)["embedding"])
@@ -235,9 +270,9 @@ def test_minilm_embeddings_through_two_share_server_processes(minilm_path):
 
 
 @pytest.fixture(scope="module")
-def smollm2_servers():
+def smollm2_servers(certs):
     path = chat.path()
-    with _servers(path) as s1, _servers(path) as s2:
+    with _server(path, certs[0]) as s1, _server(path, certs[1]) as s2:
         yield path, s1.url, s2.url
 
 
@@ -254,10 +289,10 @@ def _chat(tok, text):
 
 
 @pytest.mark.slow
-def test_smollm2_greedy_is_identical_and_logits_within_1e_3(smollm2_servers, smollm2_plain):
-    """The must-show at test scale (2 prompts × 12 tokens; the benchmark runs 5 × 32)."""
+def test_smollm2_greedy_is_identical_and_logits_within_1e_3(smollm2_servers, smollm2_plain, certs):
+    """The must-show at test scale (2 prompts × 12 tokens; the benchmark runs 5 × 32), over TLS."""
     path, a, b = smollm2_servers
-    with Servers([a, b]) as conn:
+    with Servers([a, b], trust=_trust(certs)) as conn:
         p3 = SharesModel(path, conn)
         for text in ("What is the capital of France?", "Name three primary colours."):
             prompt = _chat(p3.tokenizer, text)
@@ -269,11 +304,13 @@ def test_smollm2_greedy_is_identical_and_logits_within_1e_3(smollm2_servers, smo
 
 
 @pytest.mark.slow
-def test_openai_client_through_stip_proxy_in_shares_mode(smollm2_servers, smollm2_plain):
+def test_openai_client_through_stip_proxy_in_shares_mode(smollm2_servers, smollm2_plain, certs):
+    """The official client, unchanged, through the proxy; the proxy's links to S1 and S2 are TLS, pinned."""
     from stip.models.hf import greedy
 
     path, a, b = smollm2_servers
-    with ServerProcess(path, "--shares", f"{a},{b}", "--prepare-tokens", "64", command="proxy", timeout=300) as proxy:
+    with ServerProcess(path, "--shares", f"{a},{b}", "--pin", _pins(certs), "--prepare-tokens", "64", command="proxy",
+                       timeout=300) as proxy:  # fmt: skip
         client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="unused", max_retries=0, timeout=300)
         model = client.models.list().data[0].id
         question = "What is the capital of France?"

@@ -16,39 +16,70 @@ def share_server(
     host: str = typer.Option("127.0.0.1", help="Address to bind."),
     port: int = typer.Option(7001, help="Port to bind; 0 picks a free one (printed on stdout)."),
     token_file: Optional[Path] = typer.Option(None, "--token-file", help="File holding the token P3 must present in its hello."),
+    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="PEM certificate (stip tls-cert makes one and prints its pin): TLS 1.3 on every connection."),
+    tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="PEM key of --tls-cert."),
+    insecure: bool = typer.Option(False, "--insecure", help="Allow plain TCP on a non-loopback address (anyone on both links could add the shares)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="BLAS threads for the matmuls (default: all cores; give 1 when both servers share one machine's cores)."),
     limbs: int = typer.Option(2, "--limbs", min=2, max=3, help="Float64 GEMMs per matmul. 2: the low limb's sums round (by less than rounding the input to fixed point already costs); 3: exact mod 2^64, half as much work again. Same answers to P3 either way; the two servers may differ."),
+    max_connections: int = typer.Option(256, "--max-connections", min=1, help="Connections open at once; more are closed on accept."),
+    max_rows: int = typer.Option(16384, "--max-rows", min=1, help="Rows (token positions) per matmul request."),
+    idle_seconds: float = typer.Option(900.0, "--idle-seconds", min=1.0, help="Close an authenticated connection idle this long."),
+    drain_seconds: float = typer.Option(30.0, "--drain-seconds", min=0.0, help="On SIGTERM, wait this long for requests in flight."),
 ) -> None:
     """Serve a public model's weight matmuls on additive shares (shares mode: run two, on
     parties that do not collude). The server sees uniform ring elements, never an activation.
 
-    One persistent TCP connection per user; no TLS here: across machines, carry the links in a
-    tunnel (WireGuard, stunnel), since an eavesdropper on both links could add the shares."""
+    One persistent connection per user, TLS 1.3 with --tls-cert/--tls-key (P3 pins the
+    certificate or checks it against a CA). Stateless: a restart or another replica of the same
+    party loses nothing, P3 reconnects and re-sends. SIGTERM answers what is in flight, then exits."""
+    import logging
+    import signal
+    import threading
     import time
 
+    from .. import tls
     from ..serve.process import ready_line
     from ..shares import ShareServer
+    from ..shares.server import Limits
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     model = embedded(model)
     token = read_token(token_file)
+    if (tls_cert is None) != (tls_key is None):
+        fail("give --tls-cert and --tls-key together")
+    context = None
+    if tls_cert is not None:
+        try:
+            context = tls.server_context(tls_cert, tls_key)
+        except ValueError as e:
+            fail(str(e))
+    elif not tls.is_loopback(host):
+        if not insecure:
+            fail(f"binding {host} without TLS: give --tls-cert/--tls-key (stip tls-cert makes a pair), or --insecure on a network you trust")
+        err.print(f"[yellow]warning:[/] --insecure: binding {host} without TLS; anyone on both links can add the shares and read every prompt")
     if threads is not None:
         from threadpoolctl import threadpool_limits
 
         threadpool_limits(threads)
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        err.print(f"[yellow]warning:[/] binding {host}: the shares travel in the clear; tunnel both links, or an eavesdropper on both can add them")
     t0 = time.perf_counter()
+    limits = Limits(connections=max_connections, max_rows=max_rows, idle_seconds=idle_seconds)
     try:
-        server = ShareServer.load(model, limbs=limbs, token=token)
+        server = ShareServer.load(model, limbs=limbs, token=token, limits=limits)
     except (OSError, ValueError) as e:
         fail(str(e))
     try:
-        bound = server.listen(host, port)
+        bound = server.listen(host, port, tls=context)
     except OSError as e:
         fail(f"cannot bind {host}:{port}: {e.strerror or e}")
     err.print(f"loaded {server.model}: {len(server.ops)} matmuls, {limbs} limbs, in {time.perf_counter() - t0:.1f} s")
-    print(f"{ready_line('share-server')}tcp://{bound.address} ({server.model})", flush=True)
+    scheme = "tls" if context is not None else "tcp"
+    print(f"{ready_line('share-server')}{scheme}://{bound.address} ({server.model})", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        bound.thread.join()
+        while not stop.wait(0.5):
+            pass
     except KeyboardInterrupt:
-        bound.close()
+        pass
+    done = bound.drain(drain_seconds)
+    err.print("drained: every request in flight answered" if done else f"stopped with {bound.connections} requests unanswered after {drain_seconds:.0f} s")

@@ -13,7 +13,9 @@ answer is read, so they compute at the same time.
 from __future__ import annotations
 
 import json
+import logging
 import socket
+import ssl
 import threading
 import time
 from collections import deque
@@ -25,9 +27,12 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .. import wire
+from .. import tls, wire
+from ..models.source import load_source
 from . import protocol, ring
 from .walk import Cache, Walk, weight_matmuls
+
+log = logging.getLogger("stip.shares")
 
 
 @contextmanager
@@ -58,51 +63,126 @@ class Stats:
     wait_seconds: float = 0.0  # from the first byte sent to the last byte of both answers
     share_seconds: float = 0.0  # P3 encoding, sharing, framing and decoding
     server_seconds: list[float] = field(default_factory=lambda: [0.0, 0.0])  # each server's matmul time, as it reports
+    reconnects: int = 0  # requests re-sent after a lost connection
 
     def copy(self) -> "Stats":
-        return Stats(self.rounds, list(self.bytes_up), list(self.bytes_down), self.wait_seconds, self.share_seconds,
-                     list(self.server_seconds))  # fmt: skip
+        return Stats(**{k: list(v) if isinstance(v, list) else v for k, v in vars(self).items()})
 
     def since(self, before: "Stats") -> "Stats":
-        minus = lambda a, b: [x - y for x, y in zip(a, b)]  # noqa: E731
-        return Stats(self.rounds - before.rounds, minus(self.bytes_up, before.bytes_up), minus(self.bytes_down, before.bytes_down),
-                     self.wait_seconds - before.wait_seconds, self.share_seconds - before.share_seconds,
-                     minus(self.server_seconds, before.server_seconds))  # fmt: skip
+        def minus(a, b):
+            return [x - y for x, y in zip(a, b)] if isinstance(a, list) else a - b
+
+        return Stats(**{k: minus(v, getattr(before, k)) for k, v in vars(self).items()})
+
+
+class _Link:
+    """P3's connection to one party, S1 or S2, over any of its replicas. It reconnects on
+    demand, verifies the peer (TLS pin or CA) before the hello, and checks that each new
+    replica holds the weights the first one did."""
+
+    def __init__(self, party: int, replicas: list[str], trust: tls.Trust | None, insecure: bool, timeout: float):
+        self.party, self.replicas, self.trust, self.timeout = party, replicas, trust, timeout
+        self.name = f"S{party + 1}"
+        self.sock: socket.socket | None = None
+        self.at = 0  # the replica in use, or the next one to try
+        self.fingerprint: str | None = None
+        if trust is None:
+            for r in replicas:
+                tls.plain_allowed(protocol.parse_address(r)[0], insecure, f"share server {self.name}")
+
+    @property
+    def address(self) -> str:
+        return self.replicas[self.at]
+
+    def connect(self, hello: bytes) -> dict:
+        """Connect to the current replica and say hello; its hello's meta."""
+        host, port = protocol.parse_address(self.address)
+        try:
+            sock = protocol.nodelay(tls.connect(host, port, self.trust, self.timeout))
+        except tls.TrustError:
+            raise
+        except (OSError, ssl.SSLError) as e:
+            raise ConnectionError(f"cannot reach the share server {self.name} at {self.address}: {_why(e)}") from None
+        try:
+            protocol.send(sock, hello)
+            tensors, meta = wire.decode(protocol.recv(sock))
+        except (OSError, ConnectionError, wire.WireError) as e:
+            sock.close()
+            hint = "" if self.trust else " (a TLS server? give its pin or CA)"
+            raise ConnectionError(f"the share server {self.name} at {self.address} closed the connection during hello{hint}: {_why(e)}") from None
+        if "error" in meta:
+            sock.close()
+            raise SharesError(f"{self.name} ({self.address}) refused: {meta['error']}")
+        if self.fingerprint is not None and meta.get("fingerprint") != self.fingerprint:
+            sock.close()
+            raise SharesError(f"{self.name} replica {self.address} holds {meta.get('model')}, not the model its party served before")
+        self.sock = sock
+        return meta
+
+    def drop(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def close(self) -> None:
+        self.drop()
+
+
+def _why(e: BaseException) -> str:
+    return getattr(e, "strerror", None) or str(e) or type(e).__name__
 
 
 class Servers:
-    """Persistent connections to S1 and S2. ``matmul(name, x)`` returns x·W in float."""
+    """Persistent connections to S1 and S2. ``matmul(name, x)`` returns x·W in float.
 
-    def __init__(self, addresses: Sequence[str], *, token: str | None = None, timeout: float = 120.0):
-        if len(addresses) != 2 or addresses[0] == addresses[1]:
+    ``parties``: two entries, S1's and S2's, each one address or several replicas of the same
+    party (a list, or ``"HOST:PORT|HOST:PORT"``). ``trust``: per party, a `stip.tls.Trust`
+    (pin or CA), or None for plain TCP, allowed only on loopback or when ``insecure``.
+    A lost connection is re-made, on the same replica or the next, with backoff for up to
+    ``retry_seconds``, and the request in flight re-sent: the servers keep no state."""
+
+    def __init__(
+        self,
+        parties: Sequence[str | Sequence[str]],
+        *,
+        token: str | None = None,
+        timeout: float = 120.0,
+        trust: Sequence[tls.Trust | None] | None = None,
+        insecure: bool = False,
+        retry_seconds: float | None = None,
+    ):
+        replicas = [_replicas(p) for p in parties]
+        if len(replicas) != 2 or set(replicas[0]) & set(replicas[1]):
             raise ValueError("shares mode takes exactly two different share servers: S1 and S2")
-        self.addresses, self._token, self._timeout = list(addresses), token, timeout
-        self.stats = Stats()
-        self.socks: list[socket.socket] = []
-        self._offline: socket.socket | None = None  # prepare()'s own connection to S1
+        trust = list(trust) if trust is not None else [None, None]
+        if len(trust) != 2:
+            raise ValueError("give one trust (pin or CA) per party: S1's and S2's")
+        self._token, self._timeout = token, timeout
+        self.retry_seconds = timeout if retry_seconds is None else retry_seconds
+        self.links = [_Link(i, r, t, insecure, timeout) for i, (r, t) in enumerate(zip(replicas, trust))]
+        self._offline: _Link | None = None  # prepare()'s own connection to S1
         self._lock = threading.Lock()  # the mask pool: prepare() may run on another thread
+        self.stats = Stats()
         try:
-            self.socks = [self._connect(a) for a in self.addresses]
-            hellos = self._ask([self._hello()] * 2)
+            self.hellos = [link.connect(self._hello()) for link in self.links]
         except BaseException:
             self.close()
             raise
-        self.hellos = [meta for _, meta in hellos]
-        self.stats = Stats()  # inference traffic only, from here on
         if self.hellos[0].get("fingerprint") != self.hellos[1].get("fingerprint"):
+            self.close()
             raise SharesError(f"the share servers hold different models: {self.hellos[0].get('model')} and {self.hellos[1].get('model')}")
+        for link in self.links:
+            link.fingerprint = self.hellos[0].get("fingerprint")
         self.model = self.hellos[0].get("model", "?")
         self.ops = {k: tuple(v) for k, v in json.loads(self.hellos[0].get("ops", "{}")).items()}  # name → (in, out)
         self.exponents: dict[str, np.ndarray] = {}
         self.offline = Stats()  # prepare()'s traffic
         self.masks: dict[str, deque] = {}  # name → prepared blocks of rows (R, R·W̃), each row used once
 
-    def _connect(self, address: str) -> socket.socket:
-        host, port = protocol.parse_address(address)
-        try:
-            return protocol.nodelay(socket.create_connection((host, port), timeout=self._timeout))
-        except OSError as e:
-            raise ConnectionError(f"cannot reach the share server at {address}: {e.strerror or e}") from None
+    @property
+    def addresses(self) -> list[str]:
+        """The replica each party is served by now."""
+        return [link.address for link in self.links]
 
     def _hello(self) -> bytes:
         return wire.encode({}, {"op": protocol.HELLO, **({"token": self._token} if self._token else {})})
@@ -124,14 +204,15 @@ class Servers:
         for name, n in needs:
             rows[name] = rows.get(name, 0) + n
         if self._offline is None:  # its own socket: online matmuls may run meanwhile
-            self._offline = self._connect(self.addresses[0])
-            self._ask([self._hello()], to=(0,), stats=Stats(), socks={0: self._offline})
+            s1 = self.links[0]
+            self._offline = _Link(0, s1.replicas, s1.trust, True, self._timeout)
+            self._offline.fingerprint, self._offline.at = s1.fingerprint, s1.at
         for name, n in rows.items():
             t0 = time.perf_counter()
             r = ring.uniform(n * self.ops[name][0]).reshape(n, -1)
             blob = wire.encode({"x": torch.from_numpy(r)}, {"op": name})
             self.offline.share_seconds += time.perf_counter() - t0
-            ((y, _),) = self._ask([blob], to=(0,), stats=self.offline, socks={0: self._offline})
+            ((y, _),) = self._ask([blob], to=(0,), stats=self.offline, links={0: self._offline})
             with self._lock:
                 self.masks.setdefault(name, deque()).append((r, y["y"].numpy()))
 
@@ -181,41 +262,87 @@ class Servers:
         self.stats.share_seconds += time.perf_counter() - t1
         return torch.from_numpy(y.astype(np.float32))
 
-    def _ask(self, blobs: list[bytes], to=(0, 1), stats: Stats | None = None, socks=None) -> list[tuple[dict, dict]]:
-        """Send to every server in ``to``, then read them all: they work at the same time."""
-        stats, socks = stats or self.stats, socks or dict(enumerate(self.socks))
+    def _ask(self, blobs: list[bytes], to=(0, 1), stats: Stats | None = None, links=None) -> list[tuple[dict, dict]]:
+        """Send to every server in ``to``, then read them all: they work at the same time. A
+        party whose connection fails gets the same bytes again, once it is reconnected."""
+        stats, links = stats or self.stats, links or dict(enumerate(self.links))
         t0 = time.perf_counter()
+        replies: dict[int, bytes] = {}
+        failed: set[int] = set()
         for i, blob in zip(to, blobs):
-            stats.bytes_up[i] += self._io(i, lambda: protocol.send(socks[i], blob))
-        replies = [self._io(i, lambda: protocol.recv(socks[i])) for i in to]
+            try:
+                if links[i].sock is None:
+                    links[i].connect(self._hello())
+                stats.bytes_up[i] += protocol.send(links[i].sock, blob)
+            except (OSError, ConnectionError):
+                failed.add(i)
+        for i in to:
+            if i not in failed:
+                try:
+                    replies[i] = protocol.recv(links[i].sock)
+                except (OSError, ConnectionError):
+                    failed.add(i)
+        for i, blob in zip(to, blobs):
+            if i in failed:
+                replies[i] = self._resend(links[i], blob, stats)
         stats.wait_seconds += time.perf_counter() - t0
         stats.rounds += 1
         out = []
-        for i, r in zip(to, replies):
-            stats.bytes_down[i] += len(r) + 8
-            tensors, meta = wire.decode(r)
+        for i in to:
+            stats.bytes_down[i] += len(replies[i]) + 8
+            tensors, meta = wire.decode(replies[i])
             if "error" in meta:
-                raise SharesError(f"S{i + 1} ({self.addresses[i]}) refused: {meta['error']}")
+                raise SharesError(f"{links[i].name} ({links[i].address}) refused: {meta['error']}")
             stats.server_seconds[i] += float(meta.get("seconds", 0.0))
             out.append((tensors, meta))
         return out
 
-    def _io(self, i: int, fn):
-        try:
-            return fn()
-        except (OSError, ConnectionError) as e:
-            raise ConnectionError(f"lost the share server S{i + 1} at {self.addresses[i]}: {e}") from None
+    def _resend(self, link: _Link, blob: bytes, stats: Stats) -> bytes:
+        """Reconnect with backoff (each replica in turn) and ask again. The party gets the
+        very bytes it was sent before: a replay of its own view, nothing new."""
+        link.drop()
+        t0, pause, why = time.monotonic(), 0.05, "the connection broke"
+        log.warning("%s at %s: connection lost; reconnecting", link.name, link.address)
+        while True:
+            for _ in link.replicas:
+                try:
+                    link.connect(self._hello())
+                    stats.bytes_up[link.party] += protocol.send(link.sock, blob)
+                    reply = protocol.recv(link.sock)
+                    stats.reconnects += 1
+                    log.warning("%s: reconnected to %s after %.1f s; the request was re-sent", link.name, link.address, time.monotonic() - t0)
+                    return reply
+                except tls.TrustError:
+                    raise
+                except (OSError, ConnectionError, SharesError) as e:
+                    why = _why(e)
+                    link.drop()
+                    link.at = (link.at + 1) % len(link.replicas)
+            if time.monotonic() - t0 + pause > self.retry_seconds:
+                raise ConnectionError(f"lost the share server {link.name} ({'|'.join(link.replicas)}) for {time.monotonic() - t0:.0f} s: {why}")
+            time.sleep(pause)
+            pause = min(pause * 2, 2.0)
 
     def close(self) -> None:
-        for s in [*self.socks, *([self._offline] if self._offline else [])]:
-            s.close()
-        self.socks, self._offline = [], None
+        for link in [*self.links, *([self._offline] if self._offline else [])]:
+            link.close()
+        self._offline = None
 
     def __enter__(self) -> "Servers":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _replicas(party: str | Sequence[str]) -> list[str]:
+    items = party.split("|") if isinstance(party, str) else list(party)
+    items = [a.strip() for a in items if a.strip()]
+    if not items:
+        raise ValueError("each share server party needs at least one HOST:PORT")
+    for a in items:
+        protocol.parse_address(a)  # ValueError, naming it, when malformed
+    return items
 
 
 @dataclass
@@ -240,7 +367,6 @@ class SharesModel:
     def __init__(self, src, servers: Servers):
         """``src``: a local HF folder, or an already loaded `transformers` model."""
         from ..models.blocks import from_hf
-        from ..seal import load_source
 
         loaded = not isinstance(src, (str, Path))
         self.path = None if loaded else Path(src)

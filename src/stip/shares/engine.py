@@ -100,6 +100,8 @@ class SharesEngine:
                         if value is not None:
                             yield [], value
                         return
+                    elif isinstance(value, ConnectionError):
+                        raise ProxyError(503, f"shares mode: {value}", "upstream_unavailable")  # P3 retried for --timeout
                     else:
                         raise ProxyError(502, f"shares mode: {value}", "upstream_error")
             finally:

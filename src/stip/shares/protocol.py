@@ -1,32 +1,49 @@
-"""The share servers' wire: length-prefixed `stip.wire` messages on one persistent TCP socket.
+"""The share servers' wire: length-prefixed `stip.wire` messages on one persistent connection.
 
 A generated token costs ~120 dependent round trips, so each is one frame each way on a socket
-that stays open, with Nagle off: no HTTP, no per-request headers, no JSON bodies.
+that stays open, with Nagle off: no HTTP, no per-request headers, no JSON bodies. Across
+machines the socket is TLS 1.3 (`stip.tls`), the server verified by a pin or a CA before
+P3 sends its hello.
 
     frame    = u64 little-endian length ‖ a stip.wire message (safetensors: tensors + metadata)
-    hello    meta {"op": "hello", "token"?}   → meta {"model", "ops": {name: [in, out]}, "limbs", "fingerprint"}
+    hello    meta {"op": "hello", "token"?}   → meta {"model", "ops": {name: [in, out]}, "limbs",
+                                                      "fingerprint", "max_rows"}
     matmul   meta {"op": NAME}, tensor x int64 (rows, in)
                                               → tensor y int64 (rows, out) = x·W̃ mod 2^64, meta {"seconds"}
-    error    meta {"error": message}           (the connection stays usable; a broken frame closes it)
+    error    meta {"error": message}           (a bad message keeps the connection; a refused
+                                                frame, a timeout or a broken frame closes it)
+
+Before a good hello a server reads one frame of at most `HELLO_FRAME` bytes; after it, at most
+what its largest matmul takes. Memory follows the bytes that really arrive, never the length a
+frame claims.
 """
 
 from __future__ import annotations
 
 import socket
 import struct
+import time
 
 import torch
 
 from .. import wire
 
-MAX_FRAME = 1 << 30  # a 128-token MiniLM prefill sends ~0.8 MB per matmul; a long LLM prompt more
+MAX_FRAME = 1 << 32  # P3's bound on a reply; a server's own bound is set by its matmuls
+HELLO_FRAME = 4096  # a hello is ~100 bytes: nothing larger is read from a stranger
 HELLO = "hello"
 REQUEST = {"x": wire.Spec(dtypes=(torch.int64,), ndim=2, required=False)}  # hello carries none
 ANSWER = {"y": wire.Spec(dtypes=(torch.int64,), ndim=2)}
+_GROW = 1 << 20
 
 
 class ProtocolError(ConnectionError):
     """The peer broke the framing or answered with an error."""
+
+
+class FrameTooLarge(ProtocolError):
+    def __init__(self, n: int, limit: int):
+        super().__init__(f"a frame of {n} bytes exceeds the limit of {limit}")
+        self.n, self.limit = n, limit
 
 
 def send(sock: socket.socket, blob: bytes) -> int:
@@ -39,21 +56,39 @@ def send(sock: socket.socket, blob: bytes) -> int:
     return len(blob) + 8
 
 
-def recv(sock: socket.socket) -> bytes:
+def recv(sock: socket.socket, limit: int = MAX_FRAME, seconds: float | None = None) -> bytes:
+    """One frame. ``seconds``: its body must arrive within that once the length has (a slow
+    drip is cut off); the wait for the length is the socket's own timeout."""
     (n,) = struct.unpack("<Q", _exactly(sock, 8))
-    if n > MAX_FRAME:
-        raise ProtocolError(f"a frame of {n} bytes exceeds the limit of {MAX_FRAME}")
-    return _exactly(sock, n)
+    if n > limit:
+        raise FrameTooLarge(n, limit)
+    if seconds is None:
+        return _exactly(sock, n)
+    timeout = sock.gettimeout()
+    sock.settimeout(seconds)
+    try:
+        return _exactly(sock, n, time.monotonic() + seconds)
+    finally:
+        sock.settimeout(timeout)
 
 
-def _exactly(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
+def _exactly(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
+    buf = bytearray(min(n, _GROW))  # grown as bytes arrive: a claimed length costs nothing
     view, got = memoryview(buf), 0
-    while got < n:
-        k = sock.recv_into(view[got:], n - got)
-        if k == 0:
-            raise ConnectionResetError("the peer closed the connection")
-        got += k
+    try:
+        while got < n:
+            if got == len(buf):
+                view.release()
+                buf.extend(bytes(min(n - got, len(buf))))  # doubles, up to n
+                view = memoryview(buf)
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("the frame did not arrive in time")
+            k = sock.recv_into(view[got:], len(buf) - got)
+            if k == 0:
+                raise ConnectionResetError("the peer closed the connection")
+            got += k
+    finally:
+        view.release()
     return bytes(buf)
 
 
@@ -63,8 +98,8 @@ def nodelay(sock: socket.socket) -> socket.socket:
 
 
 def parse_address(address: str) -> tuple[str, int]:
-    """``host:port`` (IPv6 as ``[::1]:port``), optionally prefixed ``tcp://``."""
-    a = address.removeprefix("tcp://")
+    """``host:port`` (IPv6 as ``[::1]:port``), optionally prefixed ``tcp://`` or ``tls://``."""
+    a = address.removeprefix("tcp://").removeprefix("tls://")
     host, sep, port = a.rpartition(":")
     if not sep or not port.isdigit() or not host:
         raise ValueError(f"{address!r} is not HOST:PORT")
