@@ -1,12 +1,13 @@
 """The ``stip`` command line. Thin: parses arguments, calls the modules, reports.
 
-One module per party or baseline: provider (seal, rekey, audit), cloud (serve), shares
+One module per party or baseline: provider (seal, rekey, audit), cloud (serve, tls-cert), shares
 (share-server), user (proxy, query, generate, demo), mpc, train, he, attack, bench. This module holds what they share."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 # Nothing is ever fetched from a hub at run time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,6 +15,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from ..tls import Trust
 
 app = typer.Typer(
     add_completion=False,
@@ -41,8 +45,27 @@ def read_token(path: Path | None) -> str | None:
     return token
 
 
-def listen(api, host: str, port: int, command: str, what: str) -> None:
-    """Bind (port 0: a free one), print the ready line with the URL, serve until stopped."""
+def server_tls(host: str, cert: Path | None, key: Path | None, insecure: bool):
+    """The TLS 1.3 context a server listens with; None (plain) only on loopback or --insecure."""
+    from .. import tls
+
+    if (cert is None) != (key is None):
+        fail("give --tls-cert and --tls-key together")
+    if cert is not None:
+        try:
+            return tls.server_context(cert, key)
+        except ValueError as e:
+            fail(str(e))
+    if not tls.is_loopback(host):
+        if not insecure:
+            fail(f"binding {host} without TLS: give --tls-cert/--tls-key (stip tls-cert makes a pair), or --insecure on a network you trust")
+        err.print(f"[yellow]warning:[/] --insecure: binding {host} without TLS; anyone on the path reads and alters the traffic")
+    return None
+
+
+def listen(api, host: str, port: int, command: str, what: str, context=None) -> None:
+    """Bind (port 0: a free one), print the ready line with the URL, serve until stopped;
+    over TLS when ``context`` (from `server_tls`) is given."""
     import socket
 
     import uvicorn
@@ -57,8 +80,44 @@ def listen(api, host: str, port: int, command: str, what: str) -> None:
     except OSError as e:
         fail(f"cannot bind {host}:{port}: {e.strerror or e}")
     sock.listen(128)
-    print(f"{ready_line(command)}http://{host}:{sock.getsockname()[1]} ({what})", flush=True)
-    uvicorn.Server(uvicorn.Config(api, log_level="warning", access_log=False)).run(sockets=[sock])
+    scheme = "https" if context is not None else "http"
+    name = f"[{host}]" if ":" in host else host
+    print(f"{ready_line(command)}{scheme}://{name}:{sock.getsockname()[1]} ({what})", flush=True)
+    # stip's own context rather than uvicorn's ssl_* options: those cannot require TLS 1.3
+    secure = {"ssl_context_factory": lambda *_: context} if context is not None else {}
+    uvicorn.Server(uvicorn.Config(api, log_level="warning", access_log=False, **secure)).run(sockets=[sock])
+
+
+def trusts(pin: str | None, ca: Path | None, parties: int = 1) -> list[Trust] | None:
+    """`--pin`/`--ca` as one `tls.Trust` per peer: ``pin`` holds one pin per peer, comma-
+    separated in the peers' order; ``ca`` applies to all. None when neither is given."""
+    from .. import tls
+
+    if pin is not None and ca is not None:
+        fail("give --pin or --ca, not both")
+    try:
+        if ca is not None:
+            return [tls.Trust(ca=ca)] * parties
+        if pin is None:
+            return None
+        pins = [p.strip() for p in pin.split(",")]
+        if len(pins) != parties:
+            fail(f"--pin takes one pin per server, comma-separated in the order of --shares: {parties} expected, {len(pins)} given"
+                 if parties > 1 else "--pin takes one pin (sha256:…, as stip tls-cert prints it)")  # fmt: skip
+        return [tls.Trust(pin=p) for p in pins]
+    except ValueError as e:
+        fail(str(e))
+
+
+def plain_warning(url: str, insecure: bool) -> None:
+    """The CLI's warning for an explicit --insecure plain link (the refusal is the client's)."""
+    from urllib.parse import urlsplit
+
+    from .. import tls
+
+    host = urlsplit(url).hostname
+    if insecure and url.startswith("http://") and not tls.is_loopback(host):
+        err.print(f"[yellow]warning:[/] --insecure: talking to {host} without TLS; anyone on the path reads and alters the traffic")
 
 
 EMBEDDED = ("minilm", "smollm2")

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from . import app, embedded, err, fail, read_token
+from . import app, embedded, err, fail, read_token, server_tls
 
 
 @app.command("share-server")
@@ -37,7 +37,6 @@ def share_server(
     import threading
     import time
 
-    from .. import tls
     from ..serve.process import ready_line
     from ..shares import ShareServer
     from ..shares.server import Limits
@@ -45,18 +44,7 @@ def share_server(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     model = embedded(model)
     token = read_token(token_file)
-    if (tls_cert is None) != (tls_key is None):
-        fail("give --tls-cert and --tls-key together")
-    context = None
-    if tls_cert is not None:
-        try:
-            context = tls.server_context(tls_cert, tls_key)
-        except ValueError as e:
-            fail(str(e))
-    elif not tls.is_loopback(host):
-        if not insecure:
-            fail(f"binding {host} without TLS: give --tls-cert/--tls-key (stip tls-cert makes a pair), or --insecure on a network you trust")
-        err.print(f"[yellow]warning:[/] --insecure: binding {host} without TLS; anyone on both links can add the shares and read every prompt")
+    context = server_tls(host, tls_cert, tls_key, insecure)
     if threads is not None:
         from threadpoolctl import threadpool_limits
 

@@ -8,13 +8,18 @@ from typing import Optional
 
 import typer
 
-from . import app, embedded, err, fail, listen, out, read_token
+from . import app, embedded, err, fail, listen, out, plain_warning, read_token, server_tls, trusts
+
+
+PIN_HELP = "The server's certificate pin (sha256:…, as `stip tls-cert` prints it). With --shares: one per party, comma-separated in the order of --shares."
+CA_HELP = "A CA file (PEM) that signed the server's certificate (host name checked); with --shares, for both parties."
+INSECURE_HELP = "Allow plain HTTP/TCP to a non-loopback server (everything it carries in the clear)."
 
 
 @app.command()
 def proxy(
     client_dir: Path = typer.Argument(..., metavar="OUT/client|SRC", help="The client folder of a token-mode sealing (stip seal --mode tokens); with --shares, the public model (a local HF folder, or smollm2)."),
-    upstream: Optional[str] = typer.Option(None, "--upstream", help="The cloud's engine: vLLM's OpenAI server holding OUT/server, e.g. http://10.0.0.5:8000"),
+    upstream: Optional[str] = typer.Option(None, "--upstream", help="The cloud's engine: vLLM's OpenAI server holding OUT/server, e.g. https://10.0.0.5:8000 (with --pin or --ca)"),
     shares: Optional[str] = typer.Option(None, "--shares", metavar="S1,S2", help="Shares mode instead: the two share servers' HOST:PORT (stip share-server), e.g. 10.0.0.5:7001,10.1.0.7:7001"),
     upstream_token_file: Optional[Path] = typer.Option(None, "--upstream-token-file", help="File holding the bearer token the engine expects (vLLM --api-key), or the share servers' token."),
     host: str = typer.Option("127.0.0.1", help="Address to bind; keep it on loopback: the proxy sees prompts in the clear."),
@@ -24,6 +29,11 @@ def proxy(
     timeout: float = typer.Option(300.0, help="Seconds to wait for the engine before answering 504."),
     max_tokens_limit: Optional[int] = typer.Option(None, "--max-tokens-limit", min=1, help="Refuse requests for more new tokens than this (default: the model's context)."),
     prepare_tokens: int = typer.Option(0, "--prepare-tokens", min=0, help="Shares mode: keep masks for this many positions prepared with S1 in the background, so that requests mostly ask S2 alone (0: off)."),
+    pin: Optional[str] = typer.Option(None, "--pin", help=PIN_HELP.replace("server's", "upstream's")),
+    ca: Optional[Path] = typer.Option(None, "--ca", help=CA_HELP),
+    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="PEM certificate for the proxy's own HTTPS (stip tls-cert makes one), TLS 1.3 only."),
+    tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="PEM key of --tls-cert."),
+    insecure: bool = typer.Option(False, "--insecure", help="Allow plain HTTP/TCP to a non-loopback upstream, and binding a non-loopback address without TLS."),
 ) -> None:
     """Run the user's side (P3) as a local OpenAI-compatible server.
 
@@ -32,21 +42,25 @@ def proxy(
     the ids it returns are restored and detokenized here. Shares mode (--shares): the proxy
     runs the public model itself, and each share server sees only additive shares of the
     weight-matmul inputs."""
+    from .. import tls
     from ..client.bundle import InvalidBundle
     from ..client.proxy import Upstream, create_app
     from ..keys import InvalidKey
 
     if (upstream is None) == (shares is None):
         fail("give --upstream (token mode) or --shares (shares mode), not both")
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    context = server_tls(host, tls_cert, tls_key, insecure)
+    if not tls.is_loopback(host):
         err.print(f"[yellow]warning:[/] binding {host}: whoever reaches the proxy sends prompts through your key")
     token = read_token(upstream_token_file)
     try:
         if shares is not None:
-            engine = _shares_engine(client_dir, shares, token, timeout, prepare_tokens)
+            engine = _shares_engine(client_dir, shares, token, timeout, prepare_tokens, pin, ca, insecure)
             api = create_app(engine.local(), engine, model_name=model_name, max_tokens_limit=max_tokens_limit)
         else:
-            up = Upstream(upstream, token=token, timeout=timeout, model=upstream_model)
+            trust = (trusts(pin, ca) or [None])[0]
+            plain_warning(upstream, insecure)
+            up = Upstream(upstream, token=token, timeout=timeout, model=upstream_model, trust=trust, insecure=insecure)
             api = create_app(client_dir, up, model_name=model_name, max_tokens_limit=max_tokens_limit)
     except (InvalidBundle, InvalidKey, OSError, ValueError) as e:
         fail(str(e))
@@ -55,17 +69,22 @@ def proxy(
     from ..shares import one_thread
 
     with one_thread() if shares else nullcontext():
-        listen(api, host, port, "proxy", f"model {api.state.model_name}, {'upstream ' + upstream if upstream else 'share servers ' + shares}")
+        listen(api, host, port, "proxy", f"model {api.state.model_name}, {'upstream ' + upstream if upstream else 'share servers ' + shares}", context)
 
 
-def _shares_model(src: Path, shares: str, token: str | None, timeout: float = 120.0):
-    """P3's side of shares mode: the public model here, connected to both share servers."""
+def _shares_model(src: Path, shares: str, token: str | None, timeout: float = 120.0,
+                  pin: str | None = None, ca: Path | None = None, insecure: bool = False):  # fmt: skip
+    """P3's side of shares mode: the public model here, connected to both share servers,
+    each verified by its own pin (or the CA) before the hello carries the token."""
     from ..shares import Servers, SharesError, SharesModel
 
     src = embedded(src)
     addresses = [a.strip() for a in shares.split(",") if a.strip()]
+    trust = trusts(pin, ca, len(addresses))
+    if insecure and trust is None:
+        err.print("[yellow]warning:[/] --insecure: share servers off loopback are reached over plain TCP; whoever sees both links adds the shares up")
     try:
-        servers = Servers(addresses, token=token, timeout=timeout)
+        servers = Servers(addresses, token=token, timeout=timeout, trust=trust, insecure=insecure)
     except (ValueError, ConnectionError, SharesError) as e:
         fail(str(e))
     try:
@@ -75,19 +94,22 @@ def _shares_model(src: Path, shares: str, token: str | None, timeout: float = 12
         fail(str(e))
 
 
-def _shares_engine(src: Path, shares: str, token: str | None, timeout: float, prepare_tokens: int):
+def _shares_engine(src: Path, shares: str, token: str | None, timeout: float, prepare_tokens: int,
+                   pin: str | None, ca: Path | None, insecure: bool):  # fmt: skip
     from ..shares.engine import SharesEngine
 
-    return SharesEngine(_shares_model(src, shares, token, timeout), prepare_tokens)
+    return SharesEngine(_shares_model(src, shares, token, timeout, pin, ca, insecure), prepare_tokens)
 
 
-def _client(client_dir: Path, server: str, token_file: Path | None):
+def _client(client_dir: Path, server: str, token_file: Path | None, pin: str | None, ca: Path | None, insecure: bool):
     from ..client.api import Client
     from ..client.bundle import InvalidBundle
     from ..keys import InvalidKey
 
+    trust = (trusts(pin, ca) or [None])[0]
+    plain_warning(server, insecure)
     try:
-        return Client(client_dir, server, token=read_token(token_file))
+        return Client(client_dir, server, token=read_token(token_file), trust=trust, insecure=insecure)
     except (InvalidBundle, InvalidKey, OSError, ValueError) as e:
         fail(str(e))
 
@@ -114,9 +136,12 @@ def _run_client(fn):
 def query(
     client_dir: Path = typer.Argument(..., metavar="OUT/client", help="The client folder P1 handed over."),
     items: list[str] = typer.Argument(..., metavar="TEXT...|IMAGE...", help="Texts, or image files for vision models."),
-    server: Optional[str] = typer.Option(None, "--server", help="The cloud's URL, e.g. http://127.0.0.1:8000"),
+    server: Optional[str] = typer.Option(None, "--server", help="The cloud's URL, e.g. https://10.0.0.5:8000 (with --pin or --ca; http:// on loopback only)"),
     shares: Optional[str] = typer.Option(None, "--shares", metavar="S1,S2", help="Shares mode instead: OUT/client is then the public model (or minilm), S1,S2 the share servers' HOST:PORT."),
     token_file: Optional[Path] = typer.Option(None, "--token-file", help="File holding the bearer token."),
+    pin: Optional[str] = typer.Option(None, "--pin", help=PIN_HELP),
+    ca: Optional[Path] = typer.Option(None, "--ca", help=CA_HELP),
+    insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Query a sealed model as the user (P3): embed and permute locally, send, un-permute.
@@ -128,9 +153,9 @@ def query(
     if (server is None) == (shares is None):
         fail("give --server (STIP) or --shares (shares mode), not both")
     if shares is not None:
-        _query_shares(client_dir, items, shares, read_token(token_file), as_json)
+        _query_shares(client_dir, items, shares, read_token(token_file), as_json, pin, ca, insecure)
         return
-    c = _client(client_dir, server, token_file)
+    c = _client(client_dir, server, token_file, pin, ca, insecure)
     with c:
         info = _run_client(c.info)
         if info["causal"]:
@@ -169,10 +194,11 @@ def _stats_line(st) -> str:
             f"{st.bytes_down[1]:,} B down; waiting {st.wait_seconds * 1e3:.0f} ms")
 
 
-def _query_shares(src: Path, texts: list[str], shares: str, token: str | None, as_json: bool) -> None:
+def _query_shares(src: Path, texts: list[str], shares: str, token: str | None, as_json: bool,
+                  pin: str | None, ca: Path | None, insecure: bool) -> None:  # fmt: skip
     from ..shares import SharesError, one_thread
 
-    m = _shares_model(src, shares, token)
+    m = _shares_model(src, shares, token, pin=pin, ca=ca, insecure=insecure)
     with m.servers, one_thread():
         try:
             r = m.encode(texts)
@@ -186,7 +212,7 @@ def _query_shares(src: Path, texts: list[str], shares: str, token: str | None, a
 def generate(
     client_dir: Path = typer.Argument(..., metavar="OUT/client", help="The client folder P1 handed over."),
     prompt: Optional[str] = typer.Argument(None, help="The prompt text."),
-    server: Optional[str] = typer.Option(None, "--server", help="The cloud's URL."),
+    server: Optional[str] = typer.Option(None, "--server", help="The cloud's URL, e.g. https://10.0.0.5:8000 (with --pin or --ca; http:// on loopback only)"),
     shares: Optional[str] = typer.Option(None, "--shares", metavar="S1,S2", help="Shares mode instead: OUT/client is then the public model (or smollm2), S1,S2 the share servers' HOST:PORT."),
     token_file: Optional[Path] = typer.Option(None, "--token-file", help="File holding the bearer token."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
@@ -195,6 +221,9 @@ def generate(
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Sample from the smallest set with this much probability."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling, for repeatable output."),
     ids: Optional[str] = typer.Option(None, "--ids", help="Comma-separated prompt token ids instead of text (models without a tokenizer)."),
+    pin: Optional[str] = typer.Option(None, "--pin", help=PIN_HELP),
+    ca: Optional[Path] = typer.Option(None, "--ca", help=CA_HELP),
+    insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Generate text from a sealed causal LM as the user (P3), one round trip per token;
@@ -216,9 +245,9 @@ def generate(
     if shares is not None:
         t = (temperature if temperature is not None else 1.0) if sampling else 0.0  # 0: greedy
         _generate_shares(client_dir, prompt_in, shares, read_token(token_file), max_new_tokens, t,
-                         top_p if top_p is not None else 1.0, seed, as_json)
+                         top_p if top_p is not None else 1.0, seed, as_json, pin, ca, insecure)
         return
-    c = _client(client_dir, server, token_file)
+    c = _client(client_dir, server, token_file, pin, ca, insecure)
     with c:
         r = _run_client(
             lambda: c.generate(
@@ -238,12 +267,12 @@ def generate(
         err.print(f"{len(r.token_ids)} tokens, {s.requests} round trips, {s.bytes_up} B up, {s.bytes_down} B down")
 
 
-def _generate_shares(src, prompt, shares, token, max_new_tokens, temperature, top_p, seed, as_json) -> None:
+def _generate_shares(src, prompt, shares, token, max_new_tokens, temperature, top_p, seed, as_json, pin, ca, insecure) -> None:
     import json
 
     from ..shares import SharesError, one_thread
 
-    m = _shares_model(src, shares, token)
+    m = _shares_model(src, shares, token, pin=pin, ca=ca, insecure=insecure)
     with m.servers, one_thread():
         try:
             ids = prompt if isinstance(prompt, list) else m.tokenizer(prompt)["input_ids"]

@@ -1,24 +1,28 @@
 """P3's client: tokenize or preprocess, embed, permute, send; un-permute, pool or sample.
 
-    with Client("out/client", "http://127.0.0.1:8000", token=token) as c:
+    with Client("out/client", "https://10.0.0.5:8000", token=token, trust=tls.Trust(pin=pin)) as c:
         c.encode(["a sentence"]).embedding          # encoders: mean-pooled sentence embedding
         c.classify(["great film"]).labels            # classifiers (text, or image paths)
         c.generate("Once upon a time", max_new_tokens=32).text   # causal LMs
 
 Nothing but permuted embeddings leaves this process; the key and the embedding tables stay.
+An ``https://`` server is verified (by ``trust``: a pin or a CA; else the system's CAs) before
+the token or anything else is sent; plain ``http://`` only to loopback, or with ``insecure``.
 """
 
 from __future__ import annotations
 
+import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlsplit
 
 import httpx
 import torch
 
-from .. import wire
+from .. import tls, wire
 from ..wire import MEDIA_TYPE
 from .bundle import ClientBundle
 from .embed import IMAGE
@@ -77,11 +81,14 @@ class Client:
         token: str | None = None,
         timeout: float = 120.0,
         transport: httpx.BaseTransport | None = None,
+        trust: tls.Trust | None = None,
+        insecure: bool = False,
     ):
         self.bundle = ClientBundle.load(client_dir)
         self.folder = Path(client_dir)
+        verify = link_verify(server_url, trust, insecure, "the server") if transport is None else True
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=server_url.rstrip("/"), headers=headers, timeout=timeout, transport=transport)
+        self.http = httpx.Client(base_url=server_url.rstrip("/"), headers=headers, timeout=timeout, transport=transport, verify=verify)
         self.stats = Stats()
         self._info: dict | None = None
         self._tokenizer = None
@@ -281,6 +288,36 @@ class Client:
             return True
         except ValueError:
             return False
+
+
+def link_verify(url: str, trust: tls.Trust | None, insecure: bool, what: str) -> ssl.SSLContext | bool:
+    """httpx's ``verify`` for a link to ``url``: TLS 1.3, the peer checked now when ``trust``
+    is a pin, by its CA file or else the usual CAs (certifi) at the handshake. Plain
+    ``http://`` only to loopback or with ``insecure``. ValueError, or ConnectionError
+    (`tls.TrustError`: not the trusted peer), otherwise."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{what}: give an http:// or https:// URL")
+    where = f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"  # no userinfo in messages
+    if parts.scheme == "http":
+        if trust is not None:
+            raise ValueError(f"{what} at {where}: a pin or a CA needs an https:// URL")
+        tls.plain_allowed(parts.hostname, insecure, what)
+        return True
+    if trust is None:
+        import certifi
+
+        ctx = ssl.create_default_context(cafile=certifi.where())
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        return ctx
+    try:
+        if trust.ca is not None:  # the handshake httpx would do, now: an unknown CA fails here
+            tls.connect(parts.hostname, parts.port or 443, trust, timeout=10.0).close()
+        return tls.httpx_verify(url, trust)
+    except tls.TrustError:
+        raise
+    except OSError as e:  # refused, unreachable, not TLS 1.3, …
+        raise ConnectionError(f"cannot reach {what} at {where} over TLS 1.3: {e.strerror or e}") from None
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:

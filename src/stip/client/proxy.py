@@ -39,6 +39,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import tls
+from .api import link_verify
 from .bundle import TOKENS, ClientBundle
 
 log = logging.getLogger("stip.proxy")
@@ -135,18 +137,23 @@ ERRORS = {s: {"model": ErrorBody, "description": d} for s, d in {
 
 @dataclass
 class Upstream:
-    """vLLM's OpenAI server holding the token-mode sealed checkpoint."""
+    """vLLM's OpenAI server holding the token-mode sealed checkpoint. An ``https://`` engine
+    is verified by ``trust`` (a pin: checked here, before anything is sent; a CA) or else the
+    usual CAs; plain ``http://`` only on loopback or with ``insecure``."""
 
     url: str
     token: str | None = None
     timeout: float = 300.0
     model: str | None = None  # the served name; found at /v1/models when not given
+    trust: tls.Trust | None = None
+    insecure: bool = False
     http: httpx.AsyncClient = field(init=False)
 
     def __post_init__(self):
+        verify = link_verify(self.url, self.trust, self.insecure, "the upstream engine")
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
-        self.http = httpx.AsyncClient(base_url=self.url.rstrip("/"), headers=headers, timeout=self.timeout, limits=limits)
+        self.http = httpx.AsyncClient(base_url=self.url.rstrip("/"), headers=headers, timeout=self.timeout, limits=limits, verify=verify)
 
     async def served_model(self, fingerprint: str) -> str:
         if self.model is None:

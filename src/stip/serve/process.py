@@ -6,10 +6,12 @@ free loopback port (demo, tests, benchmarks).
     with ServerProcess(out / "client", "--upstream", engine.url, command="proxy") as proxy:
         openai.OpenAI(base_url=proxy.url + "/v1", api_key="-")
     with ServerProcess("minilm", command="share-server") as s1:   # s1.url: tcp://127.0.0.1:PORT
+    with ServerProcess(out / "server", tls=("s.crt", "s.key")) as srv:   # srv.url: https://…, srv.pin
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import queue
 import subprocess
@@ -19,6 +21,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from ..tls import Trust, TrustError, fingerprint, httpx_verify
 
 READY_PREFIX = "stip serve: listening on "
 HEALTH = {"serve": "/v1/health", "proxy": "/v1/models"}
@@ -37,14 +41,28 @@ class ServerProcess:
         token_file: str | Path | None = None,
         timeout: float = 120.0,
         command: str = "serve",
+        tls: tuple[str | Path, str | Path] | None = None,
     ):
+        """``tls``: (certificate, key) for ``--tls-cert/--tls-key``; the health check then pins
+        that certificate, and ``pin`` is what clients give as ``--pin``."""
         self.command = command
         cmd = [sys.executable, "-m", "stip.cli", command, str(folder), "--host", "127.0.0.1", "--port", "0", *args]
         if token_file is not None:
             cmd += ["--token-file", str(token_file)]
+        if tls is not None:
+            cmd += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
+        cert = tls[0] if tls is not None else (args[args.index("--tls-cert") + 1] if "--tls-cert" in args[:-1] else None)
+        self.pin = fingerprint(Path(cert)) if cert is not None else None
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self._stderr: collections.deque[str] = collections.deque(maxlen=200)  # drained: a full pipe would stall the server
+        threading.Thread(target=lambda: self._stderr.extend(self.proc.stderr), daemon=True).start()
         self.url = self._wait_ready(timeout)
+
+    @property
+    def stderr(self) -> str:
+        """The last 200 lines the process wrote to stderr (a share server logs each connection)."""
+        return "".join(self._stderr)
 
     def _wait_ready(self, timeout: float) -> str:
         lines: queue.Queue[str | None] = queue.Queue()
@@ -62,20 +80,35 @@ class ServerProcess:
             except queue.Empty:
                 continue
             if line is None:
-                raise RuntimeError(f"stip {self.command} exited with {self.proc.wait()}: {self.proc.stderr.read()[-2000:]}")
+                code = self.proc.wait()
+                time.sleep(0.1)  # the stderr pump's last lines
+                raise RuntimeError(f"stip {self.command} exited with {code}: {self.stderr[-2000:]}")
             prefix = ready_line(self.command)
             if line.startswith(prefix):
                 url = line[len(prefix):].split()[0]
                 if self.command not in HEALTH:  # a raw TCP server: listening is ready
                     return url
+                verify = None
                 while time.monotonic() < deadline:  # listening; wait until it answers
                     try:
-                        if httpx.get(f"{url}{HEALTH[self.command]}", timeout=2).status_code == 200:
+                        verify = verify or self._verify(url)
+                        if httpx.get(f"{url}{HEALTH[self.command]}", timeout=2, verify=verify).status_code == 200:
                             return url
-                    except httpx.TransportError:
+                    except TrustError:
+                        self.stop()
+                        raise
+                    except (httpx.TransportError, OSError):  # not accepting yet
                         time.sleep(0.05)
         self.stop()
         raise TimeoutError(f"stip {self.command} did not become ready within {timeout:.0f} s")
+
+    def _verify(self, url: str):
+        """Plain http, or https verified by the pinned certificate."""
+        if not url.startswith("https://"):
+            return True
+        if self.pin is None:
+            raise TrustError(f"stip {self.command} serves {url}, but no --tls-cert was given to check it by")
+        return httpx_verify(url, Trust(pin=self.pin))
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -85,9 +118,8 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        for pipe in (self.proc.stdout, self.proc.stderr):
-            if pipe is not None:
-                pipe.close()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()  # stderr: its pump closes with the process
 
     def __enter__(self) -> "ServerProcess":
         return self

@@ -10,6 +10,11 @@ vLLM; this only starts it as a subprocess (demo, tests, benchmarks), the way a c
 tokenizer (and the sealed folder ships none). vLLM lives in its own virtual environment (it
 pins transformers and fastapi below stip's); ``STIP_VLLM_PYTHON`` names its interpreter,
 ``make vllm`` creates ``.venv-vllm``.
+
+With ``tls=(cert, key)`` vLLM serves HTTPS (its ``--ssl-certfile/--ssl-keyfile``). vLLM has no
+option for the lowest TLS version, so the process gets an OpenSSL configuration
+(``OPENSSL_CONF``, `TLS13_ONLY`) that disables everything below TLS 1.3; an operator starting
+vLLM by hand does the same (docs/deploy.md).
 """
 
 from __future__ import annotations
@@ -24,9 +29,21 @@ from pathlib import Path
 
 import httpx
 
+from ..tls import Trust, TrustError, fingerprint, httpx_verify
+
 PYTHON_ENV = "STIP_VLLM_PYTHON"
 DEFAULT_VENV = ".venv-vllm"
 SERVED_PREFIX = "stip-"
+# Python's ssl sets a minimum of TLS 1.2 itself, over a MinProtocol here; the protocol list
+# (SSL_OP_NO_TLSv1_2 and below) is what it keeps.
+TLS13_ONLY = """openssl_conf = openssl_init
+[openssl_init]
+ssl_conf = ssl_sect
+[ssl_sect]
+system_default = system_default_sect
+[system_default_sect]
+Protocol = -ALL, TLSv1.3
+"""
 
 
 class EngineUnavailable(RuntimeError):
@@ -58,6 +75,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def command(model_dir: str | Path, name: str, port: int, *, max_model_len: int | None = 4096,
+            tls: tuple[str | Path, str | Path] | None = None, args: tuple[str, ...] = ()) -> list[str]:  # fmt: skip
+    """vLLM's OpenAI server for a sealed folder on 127.0.0.1:``port``; HTTPS with ``tls``."""
+    return [
+        str(python()), "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_dir), "--served-model-name", name,
+        "--dtype", "float32", "--skip-tokenizer-init",
+        "--host", "127.0.0.1", "--port", str(port), "--seed", "0",
+        *(("--max-model-len", str(max_model_len)) if max_model_len else ()),
+        *(("--ssl-certfile", str(tls[0]), "--ssl-keyfile", str(tls[1])) if tls else ()),
+        *args,
+    ]  # fmt: skip
+
+
 class VLLMProcess:
     """``with VLLMProcess(out / "server") as engine: engine.url`` — vLLM's OpenAI server on a
     free loopback port, stopped on exit. Its log goes to a file whose tail any failure shows."""
@@ -71,21 +102,18 @@ class VLLMProcess:
         max_model_len: int | None = 4096,
         args: tuple[str, ...] = (),
         timeout: float = 600.0,
+        tls: tuple[str | Path, str | Path] | None = None,
     ):
+        """``tls``: (certificate, key): HTTPS, TLS 1.3 only; ``pin`` is the certificate's."""
         self.model_dir = Path(model_dir)
         if not (self.model_dir / "config.json").is_file():
             raise FileNotFoundError(f"{self.model_dir} is not a model folder (no config.json)")
         self.name = name or served_name(self.model_dir)
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [
-            str(python()), "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(self.model_dir), "--served-model-name", self.name,
-            "--dtype", "float32", "--skip-tokenizer-init",
-            "--host", "127.0.0.1", "--port", str(self.port), "--seed", "0",
-            *(("--max-model-len", str(max_model_len)) if max_model_len else ()),
-            *args,
-        ]  # fmt: skip
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self.pin = fingerprint(Path(tls[0])) if tls else None
+        self._verify = None if tls else True
+        self.cmd = command(self.model_dir, self.name, self.port, max_model_len=max_model_len, tls=tls, args=args)
         env = dict(
             os.environ,
             HF_HUB_OFFLINE="1",
@@ -95,9 +123,15 @@ class VLLMProcess:
             DO_NOT_TRACK="1",
         )
         env.pop("PYTHONPATH", None)  # never let stip's environment leak into vLLM's
+        self._conf = None
+        if tls:
+            with tempfile.NamedTemporaryFile("w", prefix="stip-tls13-", suffix=".cnf", delete=False) as f:
+                f.write(TLS13_ONLY)
+            self._conf = Path(f.name)
+            env["OPENSSL_CONF"] = str(self._conf)
         self._log = tempfile.NamedTemporaryFile(prefix="stip-vllm-", suffix=".log", delete=False)
         self.log_path = Path(self._log.name)
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         started = time.monotonic()
         self._wait_ready(timeout)
         self.ready_seconds = time.monotonic() - started
@@ -114,9 +148,14 @@ class VLLMProcess:
             if self.proc.poll() is not None:
                 raise EngineUnavailable(f"vLLM exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                if self._verify is None:  # the pinned certificate, once it answers
+                    self._verify = httpx_verify(self.url, Trust(pin=self.pin))
+                if httpx.get(f"{self.url}/health", timeout=2, verify=self._verify).status_code == 200:
                     return
-            except httpx.TransportError:
+            except TrustError as e:
+                self.stop()
+                raise EngineUnavailable(str(e)) from None
+            except (httpx.TransportError, OSError):
                 pass
             time.sleep(0.5)
         self.stop()
@@ -134,6 +173,8 @@ class VLLMProcess:
                 os.killpg(self.proc.pid, 9)
                 self.proc.wait()
         self._log.close()
+        if self._conf is not None:
+            self._conf.unlink(missing_ok=True)
 
     def __enter__(self) -> "VLLMProcess":
         return self
