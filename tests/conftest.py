@@ -37,3 +37,92 @@ def minilm_sealed_dir(tmp_path_factory, minilm_path):
     out = tmp_path_factory.mktemp("minilm-sealed")
     seal_folder(minilm_path, out)
     return out
+
+
+# --- SmolLM2 on vLLM, shared by every module ------------------------------------------------------
+# Each engine is a session fixture: started once, on the first test that asks for it, by whichever
+# module that is, and stopped right after the last selected test that uses it (an idle vLLM keeps
+# polling, ~7 % of a core, which the modules after it would pay for). One engine starts in ~60 s on
+# 2 cores; two started side by side were slower than one after the other (the starts are CPU
+# bound: 182 s against 140 s, sealing included), so each starts when first asked for.
+
+VLLM_ARGS = ("--enforce-eager",)  # no torch.compile warm-up (~2.5 min a start on 2 cores)
+_ENGINE_FIXTURES = ("sealed_engine", "unsealed_engine")
+_last_use: dict[str, int] = {}  # engine fixture → position of the last selected test using it
+_position: dict[str, int] = {}  # test id → its position in the run
+_running: dict[str, object] = {}  # engine fixture → its VLLMProcess, while it runs
+
+
+def pytest_collection_finish(session):
+    _last_use.clear()
+    _position.clear()
+    for i, item in enumerate(session.items):
+        _position[item.nodeid] = i
+        for name in _ENGINE_FIXTURES:
+            if name in getattr(item, "fixturenames", ()):  # the closure: through proxy fixtures too
+                _last_use[name] = i
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    try:
+        return (yield)
+    finally:
+        i = _position.get(item.nodeid)
+        for name in [n for n in _running if i is not None and _last_use.get(n, -1) <= i]:
+            _running.pop(name).stop()
+
+
+def _engine(fixture: str, model_dir, **kw):
+    from stip.serve.vllm import VLLMProcess
+
+    _running[fixture] = engine = VLLMProcess(model_dir, args=VLLM_ARGS, **kw)
+    return engine
+
+
+@pytest.fixture(scope="session")
+def vllm_python():
+    from stip.serve.vllm import EngineUnavailable, python
+
+    try:
+        return python()
+    except EngineUnavailable as e:
+        pytest.fail(f"{e} — make test creates it")  # never skipped: make test installs vLLM
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """The embedded SmolLM2-135M-Instruct as a Hugging Face folder (converted once, ~40 s)."""
+    from stip.models import chat
+
+    return chat.path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokens_dir(tmp_path_factory, smollm2_path):
+    """SmolLM2 sealed in token mode, once per session: ``/server`` is what the sealed engine
+    serves, ``/client`` what ``stip proxy`` holds."""
+    from stip.seal import seal_folder
+
+    out = tmp_path_factory.mktemp("smollm2-tokens")
+    seal_folder(smollm2_path, out, mode="tokens")
+    return out
+
+
+@pytest.fixture(scope="session")
+def sealed_engine(vllm_python, smollm2_tokens_dir):
+    """An unmodified vLLM serving ``smollm2_tokens_dir/server`` under its sealing's name."""
+    from stip.seal import SERVER
+
+    yield _engine("sealed_engine", smollm2_tokens_dir / SERVER)
+    if "sealed_engine" in _running:
+        _running.pop("sealed_engine").stop()
+
+
+@pytest.fixture(scope="session")
+def unsealed_engine(vllm_python, smollm2_path):
+    """The same vLLM serving the unsealed SmolLM2, under a stip- name that is not
+    ``smollm2_tokens_dir``'s sealing (a proxy for that sealing must refuse it)."""
+    yield _engine("unsealed_engine", smollm2_path, name="stip-unsealed")
+    if "unsealed_engine" in _running:
+        _running.pop("unsealed_engine").stop()

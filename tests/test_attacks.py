@@ -4,6 +4,7 @@ mitigations do what docs/threat-model.md says, and its figures are what the comm
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -115,20 +116,43 @@ def test_attack_cli_prints_recovery_rate_and_n(minilm_sealed_dir):
     assert none.returncode == 1 and "no token repeats" in none.stderr
 
 
+# The figures this test re-measures (the rest, the SmolLM2 causal attack at depth, drift,
+# fine-tuning and frequency analysis, take ~90 min: benchmarks/attacks.py runs the same check on
+# all). STIP_FIGURES picks which: unset, SAMPLE (~35 s on 2 cores: every MiniLM attack, where it
+# works and where it fails); "all", every one of QUICK (`make figures`, ~2.5 min); or
+# comma-separated id prefixes, those of any figure (e.g. "llm.vocab.layers8").
 QUICK = {"llm.vocab.layers0", "llm.vocab.layers1", "vocab.public", "weights.public", "weights.public.tokens", "known_plaintext.public", "known_plaintext.public.traffic",
          "attention.public.auc", "attention.public.precision", "vocab.private_embeddings", "weights.private_embeddings",
          "weights.private_all", "per_user.other_user_traffic", "rekey.old_key_traffic", "rekey.vocab", "rekey.weights"}
+SAMPLE = {"vocab.public", "weights.public", "weights.public.tokens", "known_plaintext.public", "known_plaintext.public.traffic",
+          "attention.public.auc", "attention.public.precision", "weights.private_all", "per_user.other_user_traffic",
+          "rekey.old_key_traffic", "rekey.weights"}
+FIGURES = "STIP_FIGURES"
+
+
+def _selected_figures() -> set[str]:
+    chosen = os.environ.get(FIGURES, "").strip()
+    if not chosen:
+        return SAMPLE
+    if chosen == "all":
+        return QUICK
+    prefixes = tuple(p.strip() for p in chosen.split(",") if p.strip())
+    picked = {f for f in figures.IDS if f.startswith(prefixes)}
+    assert picked, f"{FIGURES}={chosen!r} matches no figure id"
+    return picked
 
 
 @pytest.mark.slow
 def test_threat_model_figures_are_what_the_commands_measure(tmp_path):
-    """Every figure id is in the document; the quick ones are re-measured here (the rest by
-    benchmarks/attacks.py, which runs the same check on all)."""
+    """Every figure id is in the document; those STIP_FIGURES selects (default SAMPLE, "all":
+    QUICK) are re-measured here and agree with it within 5 points."""
     text = DOC.read_text()
     doc = figures.documented(text)
     assert set(doc) == set(figures.IDS)
-    measured = figures.measure(tmp_path, only=QUICK)
-    assert set(measured) == QUICK
+    assert SAMPLE <= QUICK <= set(figures.IDS)
+    chosen = _selected_figures()
+    measured = figures.measure(tmp_path, only=chosen)
+    assert set(measured) == chosen
     assert figures.disagreements(text, measured) == []
 
 
