@@ -126,3 +126,60 @@ def unsealed_engine(vllm_python, smollm2_path):
     yield _engine("unsealed_engine", smollm2_path, name="stip-unsealed")
     if "unsealed_engine" in _running:
         _running.pop("unsealed_engine").stop()
+
+
+# --- SmolLM2's share servers over TLS, shared by the shares modules -------------------------------
+
+
+class ShareServerProcess:
+    """`stip share-server` on a fixed loopback port over TLS, so that it can die and come back on it."""
+
+    def __init__(self, src, cert, port: int | None = None):
+        from stip.serve.vllm import free_port
+
+        self.src, self.cert, self.port = src, cert, port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.start()
+
+    def start(self) -> None:
+        import subprocess
+        import sys
+        import threading
+
+        cmd = [sys.executable, "-m", "stip.cli", "share-server", str(self.src), "--host", "127.0.0.1", "--port", str(self.port),
+               "--threads", "1", "--tls-cert", str(self.cert[0]), "--tls-key", str(self.cert[1])]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))  # fmt: skip
+        line = self.proc.stdout.readline()
+        if "listening on" not in line:
+            self.stop()
+            raise RuntimeError(f"the share server did not start: {line!r}")
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
+
+    def kill9(self) -> None:
+        self.proc.kill()  # SIGKILL: no drain, no goodbye
+        self.proc.wait()
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def share_certs(tmp_path_factory):
+    """S1's and S2's certificates, and a third that no one pins: (cert, key, pin) each."""
+    from stip import tls
+
+    d = tmp_path_factory.mktemp("certs")
+    return {n: (d / f"{n}.crt", d / f"{n}.key", tls.self_signed(d / f"{n}.crt", d / f"{n}.key")) for n in ("s1", "s2", "other")}
+
+
+@pytest.fixture(scope="session")
+def smollm2_shares(smollm2_path, share_certs):
+    """SmolLM2's S1 and S2 as processes over TLS; S2 on a port it can be restarted on."""
+    s1, s2 = ShareServerProcess(smollm2_path, share_certs["s1"]), ShareServerProcess(smollm2_path, share_certs["s2"])
+    try:
+        yield smollm2_path, s1, s2
+    finally:
+        s1.stop()
+        s2.stop()

@@ -18,7 +18,6 @@ from hypothesis import given, settings, strategies as st
 
 from stip import tls, wire
 from stip.attacks import shares as attacks
-from stip.models import chat
 from stip.serve.process import ServerProcess
 from stip.shares import Servers, SharesError, SharesModel, ShareServer, protocol, ring
 
@@ -223,10 +222,9 @@ def test_client_refuses_one_server_twice_and_a_dead_server(tiny_server):
 
 
 @pytest.fixture(scope="module")
-def certs(tmp_path_factory):
+def certs(share_certs):
     """S1's and S2's certificates: the real models' servers run TLS 1.3, P3 pins both."""
-    d = tmp_path_factory.mktemp("certs")
-    return [(d / f"s{i}.crt", d / f"s{i}.key", tls.self_signed(d / f"s{i}.crt", d / f"s{i}.key")) for i in (1, 2)]
+    return [share_certs["s1"], share_certs["s2"]]
 
 
 def _server(src, cert):
@@ -270,10 +268,9 @@ def test_minilm_embeddings_through_two_share_server_processes(minilm_path, certs
 
 
 @pytest.fixture(scope="module")
-def smollm2_servers(certs):
-    path = chat.path()
-    with _server(path, certs[0]) as s1, _server(path, certs[1]) as s2:
-        yield path, s1.url, s2.url
+def smollm2_servers(smollm2_shares):
+    path, s1, s2 = smollm2_shares
+    return path, s1.address, s2.address
 
 
 @pytest.fixture(scope="module")

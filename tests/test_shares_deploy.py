@@ -10,19 +10,20 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 import torch
 
 from stip import tls
-from stip.models import chat
 from stip.relay import Relay
 from stip.serve.process import ServerProcess
 from stip.shares import Servers, SharesModel, ShareServer, protocol
 from stip.shares.client import _Link
 
 import harness
+from conftest import ShareServerProcess
 
 TOKEN = "tok-" + "7f3a9c" * 6  # recognisable on the wire
 
@@ -33,11 +34,8 @@ def _tiny(seed: int = 0):
 
 
 @pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    """Two parties' certificates, and a third no one pins."""
-    d = tmp_path_factory.mktemp("certs")
-    return {name: (d / f"{name}.crt", d / f"{name}.key", tls.self_signed(d / f"{name}.crt", d / f"{name}.key"))
-            for name in ("s1", "s2", "other")}  # fmt: skip
+def certs(share_certs):
+    return share_certs
 
 
 @pytest.fixture(scope="module")
@@ -160,34 +158,6 @@ def test_a_replica_with_other_weights_is_not_used():
                 p3.generate([1, 2], 2)
 
 
-class ShareServerProcess:
-    """A share server process on a fixed port, so that it can die and come back on it."""
-
-    def __init__(self, src, cert, port: int | None = None):
-        self.src, self.cert, self.port = src, cert, port or _free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.start()
-
-    def start(self) -> None:
-        cmd = [sys.executable, "-m", "stip.cli", "share-server", str(self.src), "--host", "127.0.0.1", "--port", str(self.port),
-               "--threads", "1", "--tls-cert", str(self.cert[0]), "--tls-key", str(self.cert[1])]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))  # fmt: skip
-        line = self.proc.stdout.readline()
-        if "listening on" not in line:
-            self.stop()
-            raise RuntimeError(f"the share server did not start: {line!r}")
-        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
-
-    def kill9(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-
 def _free_port() -> int:
     from stip.serve.vllm import free_port
 
@@ -199,28 +169,15 @@ def _chat(p3: SharesModel, text: str) -> list[int]:
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
-@pytest.fixture(scope="module")
-def smollm2_tls(certs):
-    """SmolLM2's S1 and S2 as processes over TLS, S2 on a port it can be restarted on."""
-    path = chat.path()
-    with ServerProcess(path, "--threads", "1", "--tls-cert", str(certs["s1"][0]), "--tls-key", str(certs["s1"][1]),
-                       command="share-server", timeout=300) as s1:  # fmt: skip
-        s2 = ShareServerProcess(path, certs["s2"])
-        try:
-            yield path, s1.url, s2
-        finally:
-            s2.stop()
-
-
 @pytest.mark.slow
-def test_kill_9_of_s2_mid_generation_then_a_restart_loses_no_token(smollm2_tls, certs):
+def test_kill_9_of_s2_mid_generation_then_a_restart_loses_no_token(smollm2_shares, certs):
     """The same tokens as an uninterrupted run, over TLS with pins (that run's equality to
     plaintext transformers is test_shares')."""
-    path, s1, s2 = smollm2_tls
-    with Servers([s1, s2.address], trust=_pins(certs, "s1", "s2")) as conn:
+    path, s1, s2 = smollm2_shares
+    with Servers([s1.address, s2.address], trust=_pins(certs, "s1", "s2")) as conn:
         p3 = SharesModel(path, conn)
         prompt = _chat(p3, "What is the capital of France?")
-        ref = p3.generate(prompt, 16).token_ids
+        ref = p3.generate(prompt, 10).token_ids
         restart = threading.Timer(1.0, s2.start)  # back on the same port a second later
 
         def on_token(t):
@@ -228,17 +185,17 @@ def test_kill_9_of_s2_mid_generation_then_a_restart_loses_no_token(smollm2_tls, 
                 s2.kill9()  # S2 dies with the next matmul about to be sent
                 restart.start()
 
-        got = p3.generate(prompt, 16, on_token=on_token).token_ids
+        got = p3.generate(prompt, 10, on_token=on_token).token_ids
         restart.join()
         assert conn.stats.reconnects >= 1
     assert got == ref
 
 
 @pytest.mark.slow
-def test_proxy_answers_503_while_s2_is_down_and_serves_again_once_it_is_back(smollm2_tls, certs):
-    path, s1, s2 = smollm2_tls
+def test_proxy_answers_503_while_s2_is_down_and_serves_again_once_it_is_back(smollm2_shares, certs):
+    path, s1, s2 = smollm2_shares
     pins = f"{certs['s1'][2]},{certs['s2'][2]}"
-    with ServerProcess(path, "--shares", f"{s1},{s2.address}", "--pin", pins, "--timeout", "6", command="proxy", timeout=300) as proxy:
+    with ServerProcess(path, "--shares", f"{s1.address},{s2.address}", "--pin", pins, "--timeout", "6", command="proxy", timeout=300) as proxy:
         body = {"model": httpx.get(f"{proxy.url}/v1/models").json()["data"][0]["id"], "prompt": "Paris is", "max_tokens": 4, "temperature": 0}
         ok = httpx.post(f"{proxy.url}/v1/completions", json=body, timeout=120)
         assert ok.status_code == 200, ok.text
@@ -267,7 +224,9 @@ def test_killing_a_replica_behind_haproxy_loses_no_token(tmp_path, certs):
 
     model = _tiny(seed=5)
     model.save_pretrained(tmp_path / "model")
-    replicas = {p: [ShareServerProcess(tmp_path / "model", certs[p]) for _ in range(2)] for p in ("s1", "s2")}
+    with ThreadPoolExecutor(4) as pool:  # the four start side by side
+        starting = {p: [pool.submit(ShareServerProcess, tmp_path / "model", certs[p]) for _ in range(2)] for p in ("s1", "s2")}
+        replicas = {p: [f.result() for f in fs] for p, fs in starting.items()}
     try:
         with HAProxy({p: [r.address for r in rs] for p, rs in replicas.items()}) as lb:
             parties = [lb.address("s1"), lb.address("s2")]

@@ -143,12 +143,8 @@ class _Connection:
             while not self.bound.draining:
                 if authed:  # the socket's timeout is the idle limit: recv puts it back after each frame
                     blob = protocol.recv(self.sock, share.max_frame, limits.frame_seconds)
-                else:
-                    left = t0 + limits.hello_seconds - time.monotonic()
-                    if left <= 0:
-                        raise TimeoutError
-                    self.sock.settimeout(left)
-                    blob = protocol.recv(self.sock, protocol.HELLO_FRAME, left)
+                else:  # one deadline for the hello, however slowly its bytes drip
+                    blob = protocol.recv(self.sock, protocol.HELLO_FRAME, deadline=t0 + limits.hello_seconds)
                 self.busy, was_authed = True, authed
                 self.frames, self.bytes_in = self.frames + 1, self.bytes_in + len(blob) + 8
                 reply, authed = share.answer(blob, authed)
@@ -166,6 +162,8 @@ class _Connection:
             self._try_send(_error(why.removeprefix("refused: ")))
         except (TimeoutError, socket.timeout):
             why = "idle too long" if authed else "no hello in time"
+        except ssl.SSLEOFError:
+            why = "closed by the peer"  # before or during the handshake: a health check, say
         except ssl.SSLError as e:
             why = f"TLS failed ({e.reason or type(e).__name__})"
         except (ConnectionError, OSError) as e:
@@ -180,7 +178,8 @@ class _Connection:
             except OSError:
                 pass
             self.bound._gone(self)
-            log.info("%s: %d frames, %d B in, %d B out, %s, %.1f s: %s", self.peer, self.frames, self.bytes_in,
+            quiet = self.frames == 0 and why == "closed by the peer"  # a load balancer's health check
+            log.log(logging.DEBUG if quiet else logging.INFO, "%s: %d frames, %d B in, %d B out, %s, %.1f s: %s", self.peer, self.frames, self.bytes_in,
                      self.bytes_out, "authenticated" if authed else "never authenticated", time.monotonic() - t0, why)  # fmt: skip
 
     def _try_send(self, blob: bytes) -> None:
