@@ -50,6 +50,7 @@ test: envs
 # figures re-measured, all 16 (make test: 11 of them; every figure: make bench-attacks).
 fuzz: envs
 	STIP_FUZZ_CASES=1000 $(PY) -m pytest tests/test_llm.py::test_fuzzed_proxy_never_answers_5xx
+	STIP_FUZZ_FRAMES=10000 $(PY) -m pytest tests/test_shares_fuzz.py
 
 figures: $(STAMP)
 	STIP_FIGURES=all $(PY) -m pytest tests/test_attacks.py::test_threat_model_figures_are_what_the_commands_measure

@@ -77,7 +77,7 @@ def decode(blob: bytes, expected: dict[str, Spec] | None = None) -> tuple[dict[s
     try:
         header = json.loads(blob[8 : 8 + n])
         tensors = load(blob)
-    except (SafetensorError, ValueError, UnicodeDecodeError) as e:
+    except (SafetensorError, ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: deeply nested JSON
         raise WireError(f"malformed body: {e}", 400) from None
     meta = header.get("__metadata__") or {}
     if expected is not None:

@@ -24,6 +24,7 @@ def share_server(
     max_connections: int = typer.Option(256, "--max-connections", min=1, help="Connections open at once; more are closed on accept."),
     max_rows: int = typer.Option(16384, "--max-rows", min=1, help="Rows (token positions) per matmul request."),
     idle_seconds: float = typer.Option(900.0, "--idle-seconds", min=1.0, help="Close an authenticated connection idle this long."),
+    hello_seconds: float = typer.Option(10.0, "--hello-seconds", min=0.1, help="From accept to a good hello (TLS handshake included); a connection without one is closed."),
     drain_seconds: float = typer.Option(30.0, "--drain-seconds", min=0.0, help="On SIGTERM, wait this long for requests in flight."),
 ) -> None:
     """Serve a public model's weight matmuls on additive shares (shares mode: run two, on
@@ -50,7 +51,7 @@ def share_server(
 
         threadpool_limits(threads)
     t0 = time.perf_counter()
-    limits = Limits(connections=max_connections, max_rows=max_rows, idle_seconds=idle_seconds)
+    limits = Limits(connections=max_connections, max_rows=max_rows, idle_seconds=idle_seconds, hello_seconds=hello_seconds)
     try:
         server = ShareServer.load(model, limbs=limbs, token=token, limits=limits)
     except (OSError, ValueError) as e:

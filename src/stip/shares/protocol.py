@@ -56,23 +56,30 @@ def send(sock: socket.socket, blob: bytes) -> int:
     return len(blob) + 8
 
 
-def recv(sock: socket.socket, limit: int = MAX_FRAME, seconds: float | None = None) -> bytes:
-    """One frame. ``seconds``: its body must arrive within that once the length has (a slow
-    drip is cut off); the wait for the length is the socket's own timeout."""
-    (n,) = struct.unpack("<Q", _exactly(sock, 8))
-    if n > limit:
-        raise FrameTooLarge(n, limit)
-    if seconds is None:
+def recv(sock: socket.socket, limit: int = MAX_FRAME, seconds: float | None = None, deadline: float | None = None) -> bytes:
+    """One frame. ``seconds``: once its first byte has arrived, the rest, length included, must
+    arrive within that (a slow drip is cut off); the wait for that byte is the socket's own timeout.
+    ``deadline`` (a `time.monotonic()` value): the whole frame by then, that wait included."""
+    if seconds is None and deadline is None:
+        (n,) = struct.unpack("<Q", _exactly(sock, 8))
+        if n > limit:
+            raise FrameTooLarge(n, limit)
         return _exactly(sock, n)
     timeout = sock.gettimeout()
-    sock.settimeout(seconds)
     try:
-        return _exactly(sock, n, time.monotonic() + seconds)
+        first = _exactly(sock, 1, deadline)
+        if seconds is not None:
+            deadline = min(time.monotonic() + seconds, deadline if deadline is not None else float("inf"))
+        (n,) = struct.unpack("<Q", first + _exactly(sock, 7, deadline))
+        if n > limit:
+            raise FrameTooLarge(n, limit)
+        return _exactly(sock, n, deadline)
     finally:
         sock.settimeout(timeout)
 
 
 def _exactly(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
+    """``deadline``: each wait is cut to what is left of it (a socket's timeout is per call)."""
     buf = bytearray(min(n, _GROW))  # grown as bytes arrive: a claimed length costs nothing
     view, got = memoryview(buf), 0
     try:
@@ -81,8 +88,11 @@ def _exactly(sock: socket.socket, n: int, deadline: float | None = None) -> byte
                 view.release()
                 buf.extend(bytes(min(n - got, len(buf))))  # doubles, up to n
                 view = memoryview(buf)
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError("the frame did not arrive in time")
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("the frame did not arrive in time")
+                sock.settimeout(left)
             k = sock.recv_into(view[got:], len(buf) - got)
             if k == 0:
                 raise ConnectionResetError("the peer closed the connection")
