@@ -20,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -30,19 +31,24 @@ from stip.serve.process import ServerProcess
 from stip.shares import Servers, SharesModel, one_thread
 
 
-def pairs(path, certs):
-    """(plain S1, plain S2), (TLS S1, TLS S2)."""
+@contextmanager
+def connected(path, certs):
+    """Connections to a plain pair and a TLS pair of the same model: {"plain": …, "tls": …}."""
     spawn = lambda *a: ServerProcess(path, "--threads", "1", *a, command="share-server", timeout=600)  # noqa: E731
-    plain = [spawn(), spawn()]
-    secure = [spawn("--tls-cert", str(c), "--tls-key", str(k)) for c, k, _ in certs]
-    return plain, secure
-
-
-def connect(plain, secure, certs):
-    return {
-        "plain": Servers([plain[0].url, plain[1].url]),
-        "tls": Servers([secure[0].url, secure[1].url], trust=[tls.Trust(pin=p) for _, _, p in certs]),
-    }
+    procs = [spawn(), spawn(), *(spawn("--tls-cert", str(c), "--tls-key", str(k)) for c, k, _ in certs)]
+    try:
+        conns = {
+            "plain": Servers([procs[0].url, procs[1].url]),
+            "tls": Servers([procs[2].url, procs[3].url], trust=[tls.Trust(pin=p) for _, _, p in certs]),
+        }
+        try:
+            yield conns
+        finally:
+            for c in conns.values():
+                c.close()
+    finally:
+        for proc in procs:
+            proc.stop()
 
 
 def alternate(fn, conns: dict, n: int) -> dict[str, list[float]]:
@@ -61,9 +67,7 @@ def summary(times: dict[str, list[float]]) -> dict:
 def minilm(path, certs, rows: int, passes: int, log) -> dict:
     from transformers import AutoTokenizer
 
-    plain, secure = pairs(path, certs)
-    try:
-        conns = connect(plain, secure, certs)
+    with connected(path, certs) as conns:
         models = {k: SharesModel(path, c) for k, c in conns.items()}
         x = torch.randn(1, 384)
 
@@ -89,18 +93,11 @@ def minilm(path, certs, rows: int, passes: int, log) -> dict:
         alternate(one_pass, conns, 1)
         r["minilm_128"] = summary(alternate(one_pass, conns, passes))
         log(f"MiniLM at 128 tokens: {r['minilm_128']}")
-        for c in conns.values():
-            c.close()
         return r
-    finally:
-        for s in [*plain, *secure]:
-            s.stop()
 
 
 def smollm2(path, certs, tokens: int, log) -> dict:
-    plain, secure = pairs(path, certs)
-    try:
-        conns = connect(plain, secure, certs)
+    with connected(path, certs) as conns:
         models = {k: SharesModel(path, c) for k, c in conns.items()}
         ids = models["plain"].tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                                             add_generation_prompt=True, tokenize=True)  # fmt: skip
@@ -116,12 +113,7 @@ def smollm2(path, certs, tokens: int, log) -> dict:
         assert answers["plain"] == answers["tls"]
         r = {"smollm2_token": summary(steps)}
         log(f"SmolLM2 per token: {r['smollm2_token']}")
-        for c in conns.values():
-            c.close()
         return r
-    finally:
-        for s in [*plain, *secure]:
-            s.stop()
 
 
 def markdown(r: dict) -> str:
