@@ -134,27 +134,33 @@ def unsealed_engine(vllm_python, smollm2_path):
 class ShareServerProcess:
     """`stip share-server` on a fixed loopback port over TLS, so that it can die and come back on it."""
 
-    def __init__(self, src, cert, port: int | None = None):
+    def __init__(self, src, cert, port: int | None = None, *args: str):
         from stip.serve.vllm import free_port
 
-        self.src, self.cert, self.port = src, cert, port or free_port()
+        self.src, self.cert, self.port, self.args = src, cert, port or free_port(), args
         self.address = f"127.0.0.1:{self.port}"
         self.start()
 
     def start(self) -> None:
         import subprocess
         import sys
+        import tempfile
         import threading
 
         cmd = [sys.executable, "-m", "stip.cli", "share-server", str(self.src), "--host", "127.0.0.1", "--port", str(self.port),
-               "--threads", "1", "--tls-cert", str(self.cert[0]), "--tls-key", str(self.cert[1])]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+               "--threads", "1", "--tls-cert", str(self.cert[0]), "--tls-key", str(self.cert[1]), *self.args]  # fmt: skip
+        self.log = tempfile.TemporaryFile("w+")  # its per-connection log lines, for the tests that read them
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                      env=dict(os.environ, PYTHONUNBUFFERED="1"))  # fmt: skip
         line = self.proc.stdout.readline()
         if "listening on" not in line:
             self.stop()
             raise RuntimeError(f"the share server did not start: {line!r}")
         threading.Thread(target=self.proc.stdout.read, daemon=True).start()
+
+    def logged(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
 
     def kill9(self) -> None:
         self.proc.kill()  # SIGKILL: no drain, no goodbye

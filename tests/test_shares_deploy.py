@@ -147,6 +147,38 @@ def test_p3_fails_over_between_replicas_and_loses_nothing():
     assert killed == [s2a.address] and got == ref
 
 
+@pytest.mark.slow
+def test_sigterm_drains_a_replica_and_p3_moves_on_losing_nothing(tmp_path, certs):
+    """SIGTERM mid-generation: the replica answers what it holds, hangs up, exits 0; P3
+    re-sends to the other replica. Its log has a line per connection and no secret."""
+    model = _tiny(seed=6)
+    model.save_pretrained(tmp_path / "model")
+    (tmp_path / "token").write_text(TOKEN)
+    with ThreadPoolExecutor(3) as pool:
+        s1, s2a, s2b = pool.map(lambda c: ShareServerProcess(tmp_path / "model", certs[c], None, "--token-file", str(tmp_path / "token")),
+                                ("s1", "s2", "s2"))  # fmt: skip
+    try:
+        parties = [s1.address, f"{s2a.address}|{s2b.address}"]
+        with Servers(parties, token=TOKEN, trust=_pins(certs, "s1", "s2")) as conn:
+            ref = SharesModel(model, conn).generate([6, 1, 3], 8).token_ids
+        with Servers(parties, token=TOKEN, trust=_pins(certs, "s1", "s2"), retry_seconds=10) as conn:
+            p3, stopped = SharesModel(model, conn), []
+
+            def on_token(t):
+                if not stopped:
+                    stopped.append(s2a.proc.send_signal(signal.SIGTERM))
+
+            got = p3.generate([6, 1, 3], 8, on_token=on_token).token_ids
+            assert conn.addresses[1] == s2b.address
+        assert s2a.proc.wait(10) == 0 and got == ref
+        log = s2a.logged()
+        assert "authenticated" in log and "drained" in log and " B in, " in log
+        assert TOKEN not in log and "Traceback" not in log
+    finally:
+        for s in (s1, s2a, s2b):
+            s.stop()
+
+
 def test_a_replica_with_other_weights_is_not_used():
     a, other = _tiny(seed=3), _tiny(seed=4)
     with ShareServer.from_model(a).listen() as s1, ShareServer.from_model(a).listen() as s2, \
