@@ -4,8 +4,9 @@ MiniLM: P1 seals the model into a temporary folder and audits it; P2 is ``stip s
 started as a subprocess on a free loopback port, loading only ``server/``; P3 is the Python
 client, loading only ``client/``. The answers are checked against the plaintext model.
 
-Shares mode: two `stip share-server` subprocesses hold the public MiniLM; P3 shares every
-matmul input between them and computes the rest; the embeddings are checked the same way.
+Shares mode: two `stip share-server` subprocesses hold the public MiniLM, on TLS links that
+P3 pins; P3 shares every matmul input between them and computes the rest; the embeddings are
+checked the same way.
 
 Chat: P1 seals SmolLM2-135M-Instruct in token mode; P2 is an unmodified vLLM serving
 ``server/``; P3 is ``stip proxy`` on ``client/``, asked one question by the official openai
@@ -110,27 +111,37 @@ def chat_step(out, err) -> int:
 
 def shares_step(out, err) -> int:
     """Shares mode on the public MiniLM: two share servers as subprocesses, P3 in process."""
+    import shutil
+
+    from . import tls
     from .models import default
     from .serve.process import ServerProcess
     from .shares import Servers, SharesModel
 
     src = default.path()
-    out.print("\n[bold]Shares mode[/] (public weights): two share servers start [italic]stip share-server minilm[/] …")
-    spawn = lambda: ServerProcess(src, "--threads", "1", command="share-server")  # noqa: E731
-    with spawn() as s1, spawn() as s2, Servers([s1.url, s2.url]) as servers:
-        out.print(f"    S1 {s1.url}, S2 {s2.url}")
+    out.print("\n[bold]Shares mode[/] (public weights): two share servers, each with its own certificate "
+              "([italic]stip tls-cert[/]), start [italic]stip share-server minilm --tls-cert …[/]")  # fmt: skip
+    certs = Path(tempfile.mkdtemp(prefix="stip-demo-certs-"))
+    pairs = [(certs / f"s{i}.crt", certs / f"s{i}.key") for i in (1, 2)]
+    for cert, key in pairs:
+        tls.self_signed(cert, key)
+    spawn = lambda pair: ServerProcess(src, "--threads", "1", command="share-server", tls=pair)  # noqa: E731
+    with spawn(pairs[0]) as s1, spawn(pairs[1]) as s2, \
+            Servers([s1.url, s2.url], trust=[tls.Trust(pin=s1.pin), tls.Trust(pin=s2.pin)]) as servers:  # fmt: skip
+        out.print(f"    S1 {s1.url} (pin {s1.pin[:23]}…), S2 {s2.url} (pin {s2.pin[:23]}…): TLS 1.3, each pinned by P3")
         out.print(f"[bold]P3[/] embeds {len(SENTENCES)} sentences, shares every matmul input between them, computes the rest …")
         p3 = SharesModel(src, servers)
         t0 = time.perf_counter()
         enc = p3.encode(SENTENCES)
         wall = time.perf_counter() - t0
         st = servers.stats
+    shutil.rmtree(certs, ignore_errors=True)
     batch = p3.tokenizer(SENTENCES, padding=True, return_tensors="pt")
     with torch.no_grad():
         plain = p3.hf(**batch).last_hidden_state
     ref = torch.nn.functional.normalize(default.mean_pool(plain, batch["attention_mask"]), dim=-1)
     cos = float(torch.nn.functional.cosine_similarity(ref, enc.embedding).min())
-    table = Table(title=f"Shares mode over loopback: {default.NAME}, {len(SENTENCES)} sentences", show_header=False)
+    table = Table(title=f"Shares mode over loopback, TLS 1.3: {default.NAME}, {len(SENTENCES)} sentences", show_header=False)
     table.add_column("")
     table.add_column("", justify="right")
     for k, v in {"min cosine vs plaintext": f"{cos:.7f}", "end to end (P3 wall)": f"{wall * 1e3:.0f} ms",
