@@ -206,7 +206,6 @@ class Bound:
         self.sock.settimeout(0.2)  # the accept loop looks at `closing` this often
         self.address = f"{'[' + host + ']' if ':' in host else host}:{self.sock.getsockname()[1]}"
         self.draining = self.closing = False
-        self.refused = 0  # connections closed on accept, over the limit
         self.authenticated = 0  # good hellos so far
         self._conns: set[_Connection] = set()
         self._threads: set[threading.Thread] = set()
@@ -234,7 +233,6 @@ class Bound:
                     self._conns.add(conn)
                     self._threads.add(t)
             if full:
-                self.refused += 1
                 sock.close()
                 log.warning("%s: refused: %d connections open, the limit", where, self.share.limits.connections)
                 continue
