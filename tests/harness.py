@@ -68,15 +68,19 @@ def run_sealed(sealed: Sealed, case: Case) -> dict:
     return client.unpermute_outputs(out)
 
 
-def run_shares(case: Case) -> dict:
+def run_shares(case: Case, rounds: int = 2) -> dict:
     """Shares mode: two share servers (threads, real sockets) do the weight matmuls on
-    additive shares; P3 walks the model. The servers cut shares into 2 and 3 limbs: each may
-    choose its own."""
+    additive shares; P3 walks the model on the ``rounds``-per-layer schedule. The servers cut
+    shares into 2 and 3 limbs: each may choose its own."""
     from stip.shares import Servers, ShareServer, SharesModel
 
     s1, s2 = ShareServer.from_model(case.model, limbs=2), ShareServer.from_model(case.model, limbs=3)
     with s1.listen() as a, s2.listen() as b, Servers([a.address, b.address]) as servers:
-        return SharesModel(case.model, servers).forward(case.inputs["input_ids"], case.inputs["attention_mask"])
+        return SharesModel(case.model, servers, rounds).forward(case.inputs["input_ids"], case.inputs["attention_mask"])
+
+
+def run_shares_4(case: Case) -> dict:
+    return run_shares(case, rounds=4)
 
 
 def assert_equivalent(case: Case, sealed: Sealed | None = None, atol: float = ATOL, run=None) -> float:

@@ -72,50 +72,94 @@ def test_shares_reconstruct_x_times_w():
 # --- every family, through the one harness ------------------------------------------------------------
 
 
-@settings(max_examples=4)
+RUNS = {2: harness.run_shares, 4: harness.run_shares_4}  # rounds per layer → the harness's run
+
+
+@pytest.mark.parametrize("rounds", [2, 4])
+@settings(max_examples=3)
 @given(harness.text_shape())
-def test_bert_walks_losslessly(s):
-    harness.assert_equivalent(harness.bert_case(s, "BertModel"), run=harness.run_shares)
+def test_bert_walks_losslessly(rounds, s):
+    harness.assert_equivalent(harness.bert_case(s, "BertModel"), run=RUNS[rounds])
 
 
-@settings(max_examples=4)
+@pytest.mark.parametrize("rounds", [2, 4])
+@settings(max_examples=3)
 @given(harness.text_shape())
-def test_gpt2_walks_losslessly(s):
-    harness.assert_equivalent(harness.gpt2_case(s), run=harness.run_shares)
+def test_gpt2_walks_losslessly(rounds, s):
+    harness.assert_equivalent(harness.gpt2_case(s), run=RUNS[rounds])
 
 
-@settings(max_examples=5)
-@given(harness.text_shape(gqa=True), st.sampled_from(["llama", "qwen2"]))
-def test_llama_family_walks_losslessly(s, arch):
-    harness.assert_equivalent(harness.llama_case(s, arch), run=harness.run_shares)
+@pytest.mark.parametrize("rounds", [2, 4])
+@settings(max_examples=4)
+@given(harness.text_shape(gqa=True), st.sampled_from(["llama", "qwen2", "mistral"]), st.booleans())
+def test_llama_family_walks_losslessly(rounds, s, arch, tie):
+    harness.assert_equivalent(harness.llama_case(s, arch, tie=tie), run=RUNS[rounds])
 
 
-def test_generation_with_p3s_cache_equals_the_full_forward():
+@pytest.mark.parametrize("rounds, per_step", [(2, 2 * 2 + 2), (4, 4 * 2 + 1)])  # + layer 0's QKV and the head; + the head
+def test_generation_with_p3s_cache_equals_the_full_forward(rounds, per_step):
     case = harness.llama_case(dict(heads=4, kv_heads=2, head_dim=8, layers=2, ffn=24, vocab=40, batch=1, seq=6,
                                    lengths=[6], seed=3))  # fmt: skip
     servers = [ShareServer.from_model(case.model) for _ in range(2)]
     with servers[0].listen() as a, servers[1].listen() as b, Servers([a.address, b.address]) as conn:
-        p3 = SharesModel(case.model, conn)
+        p3 = SharesModel(case.model, conn, rounds)
         g = p3.generate([1, 2, 3], 6, keep_logits=True)
         full = case.model(input_ids=torch.tensor([[1, 2, 3] + g.token_ids])).logits[0, 2:-1]
         assert torch.allclose(torch.stack(g.logits), full, atol=1e-4)
         assert g.token_ids == full.argmax(-1).tolist()
-        assert conn.stats.rounds == 4 * 2 + 1 + 5 * (4 * 2 + 1)  # 4 per layer + the head, per step
+        assert conn.stats.rounds == 6 * per_step
 
 
-def test_prepared_masks_move_the_online_phase_to_one_server():
+def test_the_folded_block_weight_is_what_the_walk_algebra_says():
+    """[o | h̃]·[[W_o, W_o·W̃], [0, W]] = [o·W_o | o·W_o·W̃ + h̃·W] on the ring, with h̃ = h∘γ
+    and W̃ = diag(γ)·W: the second half is (h + o·W_o)·W̃. The server's GEMM that skips the
+    zero block gives the dense product's bits."""
+    from stip.shares.walk import _block
+
+    rng = np.random.default_rng(1)
+    wo, w, g = rng.standard_normal((6, 4)) * 0.3, rng.standard_normal((4, 5)) * 0.3, rng.uniform(0.5, 2, 4)
+    o, h = rng.standard_normal((3, 6)), rng.standard_normal((3, 4)) * 20
+    block = _block(wo, g[:, None] * w, w)
+    skip, dense = ring.Weight.encode(block, zero=(6, 4)), ring.Weight.encode(block)
+    x, rows = ring.encode(np.concatenate([o, h * g], 1))
+    assert np.array_equal(ring.matmul(x, skip), ring.matmul(x, dense))
+    y = ring.decode(ring.matmul(x, skip), rows, skip.exponents)
+    want = np.concatenate([o @ wo, (h + o @ wo) @ (g[:, None] * w)], 1)
+    assert np.abs(y - want).max() < 1e-6 * np.abs(want).max()
+    with pytest.raises(ValueError, match="not"):
+        ring.Weight.encode(block, zero=(5, 4))
+
+
+def test_an_older_server_without_the_folded_ops_is_named_and_4_rounds_still_work():
+    case = harness.llama_case(dict(heads=2, kv_heads=1, head_dim=4, layers=1, ffn=8, vocab=16, batch=1, seq=2,
+                                   lengths=[2], seed=0))  # fmt: skip
+    servers = [ShareServer.from_model(case.model) for _ in range(2)]
+    for s in servers:
+        s.ops = {k: v for k, v in s.ops.items() if "+" not in k}
+    with servers[0].listen() as a, servers[1].listen() as b, Servers([a.address, b.address]) as conn:
+        with pytest.raises(SharesError, match="--rounds 4"):
+            SharesModel(case.model, conn)
+        assert SharesModel(case.model, conn, rounds=4).generate([1, 2], 2).token_ids
+    with pytest.raises(ValueError, match="4 or 2"):
+        SharesModel(case.model, conn, rounds=3)
+
+
+@pytest.mark.parametrize("rounds", [2, 4])
+def test_prepared_masks_move_the_online_phase_to_one_server(rounds):
     case = harness.llama_case(dict(heads=4, kv_heads=2, head_dim=8, layers=2, ffn=24, vocab=40, batch=1, seq=6,
                                    lengths=[6], seed=5))  # fmt: skip
     seen = [[], []]
     servers = [ShareServer.from_model(case.model, observe=lambda op, x, i=i: seen[i].append(op)) for i in range(2)]
     with servers[0].listen() as a, servers[1].listen() as b, Servers([a.address, b.address]) as conn:
-        p3 = SharesModel(case.model, conn)
+        p3 = SharesModel(case.model, conn, rounds)
         want = p3.generate([1, 2, 3], 5, keep_logits=True)
         plan = p3.plan(3, 5)
-        assert len(plan) == 5 * (4 * 2 + 1) and plan[0] == ("0.qkv", 3) and plan[-1] == ("head", 1)
+        first, head = "0.qkv", "head"
+        assert len(plan) == 5 * (4 * 2 + 1 if rounds == 4 else 2 * 2 + 2) and plan[0] == (first, 3) and plan[-1] == (head, 1)
+        assert {name for name, _ in plan} == set(p3.walk.ops())
         conn.prepare(plan)
         assert conn.offline.rounds == len({name for name, _ in plan}) and conn.offline.bytes_up[1] == 0
-        assert conn.prepared("0.qkv") == 3 + 4 and conn.prepared("head") == 5
+        assert conn.prepared(first) == 3 + 4 and conn.prepared(head) == 5
         seen[0].clear(), seen[1].clear()
         before = conn.stats.copy()
         got = p3.generate([1, 2, 3], 5, keep_logits=True)
@@ -254,17 +298,22 @@ def test_minilm_embeddings_through_two_share_server_processes(minilm_path, certs
     ref = torch.nn.functional.normalize(mean_pool(h, batch["attention_mask"]), dim=-1)
     with _server(minilm_path, certs[0]) as s1, _server(minilm_path, certs[1]) as s2:
         with Servers([s1.url, s2.url], trust=_trust(certs)) as conn:
-            got = SharesModel(minilm_path, conn).encode(texts)
-            assert conn.stats.rounds == 6 * 4 and min(conn.stats.bytes_up) > 0
-        cos = (got.embedding * ref).sum(-1)
-        assert cos.min() >= 0.9999, cos
+            for rounds, per_pass in ((2, 1 + 2 * 6), (4, 4 * 6)):  # the must-show: ≤ 13 a pass, folded
+                before = conn.stats.copy()
+                got = SharesModel(minilm_path, conn, rounds).encode(texts)
+                assert conn.stats.since(before).rounds == per_pass and min(conn.stats.bytes_up) > 0
+                cos = (got.embedding * ref).sum(-1)
+                assert cos.min() >= 0.9999, (rounds, cos)
         r = subprocess.run([sys.executable, "-m", "stip.cli", "query", "minilm", *texts, "--shares", f"{s1.url},{s2.url}",
                             "--pin", _pins(certs), "--json"],
                            capture_output=True, text=True, timeout=120)  # fmt: skip
         assert r.returncode == 0, r.stderr
         emb = torch.tensor(json.loads(r.stdout)["embedding"])
         assert (emb * ref).sum(-1).min() >= 0.9999
-        assert "24 round trips" in r.stderr
+        assert "13 round trips" in r.stderr
+        bad = subprocess.run([sys.executable, "-m", "stip.cli", "query", "minilm", "x", "--shares", f"{s1.url},{s2.url}",
+                              "--pin", _pins(certs), "--rounds", "3"], capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert bad.returncode == 1 and "--rounds takes 2 or 4" in bad.stderr
 
 
 @pytest.fixture(scope="module")
@@ -290,14 +339,17 @@ def test_smollm2_greedy_is_identical_and_logits_within_1e_3(smollm2_servers, smo
     """The must-show at test scale (2 prompts × 12 tokens; the benchmark runs 5 × 32), over TLS."""
     path, a, b = smollm2_servers
     with Servers([a, b], trust=_trust(certs)) as conn:
-        p3 = SharesModel(path, conn)
-        for text in ("What is the capital of France?", "Name three primary colours."):
+        # one prompt per schedule; rounds counted per decode step (the must-show: ≤ 62 folded)
+        for rounds, per_token, text in ((2, 1 + 2 * 30 + 1, "What is the capital of France?"),
+                                        (4, 4 * 30 + 1, "Name three primary colours.")):  # fmt: skip
+            p3, steps = SharesModel(path, conn, rounds), []
             prompt = _chat(p3.tokenizer, text)
-            g = p3.generate(prompt, 12, keep_logits=True)
+            g = p3.generate(prompt, 12, keep_logits=True, on_token=lambda _t: steps.append(conn.stats.rounds))
+            assert {b - a for a, b in zip(steps, steps[1:])} == {per_token}
             with torch.no_grad():
                 ref = smollm2_plain(input_ids=torch.tensor([prompt + g.token_ids])).logits[0, len(prompt) - 1 : -1]
-            assert float((torch.stack(g.logits) - ref).abs().max()) <= 1e-3
-            assert g.token_ids == ref.argmax(-1).tolist()
+            assert float((torch.stack(g.logits) - ref).abs().max()) <= 1e-3, rounds
+            assert g.token_ids == ref.argmax(-1).tolist(), rounds
 
 
 @pytest.mark.slow

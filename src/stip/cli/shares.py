@@ -29,6 +29,8 @@ def share_server(
 ) -> None:
     """Serve a public model's weight matmuls on additive shares (shares mode: run two, on
     parties that do not collude). The server sees uniform ring elements, never an activation.
+    It holds the matmuls of both schedules, 2 round trips per layer (block weights with the
+    norms folded in) and 4, and P3 picks one per connection (--rounds).
 
     One persistent connection per user, TLS 1.3 with --tls-cert/--tls-key (P3 pins the
     certificate or checks it against a CA). Stateless: a restart or another replica of the same

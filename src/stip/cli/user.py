@@ -11,6 +11,8 @@ import typer
 from . import app, embedded, err, fail, listen, out, plain_warning, read_token, server_tls, trusts
 
 
+ROUNDS_HELP = ("Shares mode's schedule: 2 round trips per layer (norms folded into the servers' block weights; "
+               "for distance) or 4 (half the servers' multiply-adds; for a fast LAN).")
 PIN_HELP = "The server's certificate pin (sha256:…, as `stip tls-cert` prints it). With --shares: one per party, comma-separated in the order of --shares."
 CA_HELP = "A CA file (PEM) that signed the server's certificate (host name checked); with --shares, for both parties."
 INSECURE_HELP = "Allow plain HTTP/TCP to a non-loopback server (everything it carries in the clear)."
@@ -28,6 +30,7 @@ def proxy(
     upstream_model: Optional[str] = typer.Option(None, "--upstream-model", help="The engine's served model name (default: stip-<fingerprint>, as `stip` starts vLLM)."),
     timeout: float = typer.Option(300.0, help="Seconds to wait for the engine before answering 504."),
     max_tokens_limit: Optional[int] = typer.Option(None, "--max-tokens-limit", min=1, help="Refuse requests for more new tokens than this (default: the model's context)."),
+    rounds: int = typer.Option(2, "--rounds", min=2, max=4, help=ROUNDS_HELP),
     prepare_tokens: int = typer.Option(0, "--prepare-tokens", min=0, help="Shares mode: keep masks for this many positions prepared with S1 in the background, so that requests mostly ask S2 alone (0: off)."),
     pin: Optional[str] = typer.Option(None, "--pin", help=PIN_HELP.replace("server's", "upstream's")),
     ca: Optional[Path] = typer.Option(None, "--ca", help=CA_HELP),
@@ -55,7 +58,7 @@ def proxy(
     token = read_token(upstream_token_file)
     try:
         if shares is not None:
-            engine = _shares_engine(client_dir, shares, token, timeout, prepare_tokens, pin, ca, insecure)
+            engine = _shares_engine(client_dir, shares, token, timeout, prepare_tokens, pin, ca, insecure, rounds)
             api = create_app(engine.local(), engine, model_name=model_name, max_tokens_limit=max_tokens_limit)
         else:
             trust = (trusts(pin, ca) or [None])[0]
@@ -73,11 +76,13 @@ def proxy(
 
 
 def _shares_model(src: Path, shares: str, token: str | None, timeout: float = 120.0,
-                  pin: str | None = None, ca: Path | None = None, insecure: bool = False):  # fmt: skip
+                  pin: str | None = None, ca: Path | None = None, insecure: bool = False, rounds: int = 2):  # fmt: skip
     """P3's side of shares mode: the public model here, connected to both share servers,
     each verified by its own pin (or the CA) before the hello carries the token."""
     from ..shares import Servers, SharesError, SharesModel
 
+    if rounds not in (2, 4):
+        fail("--rounds takes 2 or 4 (round trips per layer)")
     src = embedded(src)
     addresses = [a.strip() for a in shares.split(",") if a.strip()]
     trust = trusts(pin, ca, len(addresses))
@@ -88,17 +93,17 @@ def _shares_model(src: Path, shares: str, token: str | None, timeout: float = 12
     except (ValueError, ConnectionError, SharesError) as e:
         fail(str(e))
     try:
-        return SharesModel(src, servers)
+        return SharesModel(src, servers, rounds)
     except (OSError, ValueError, SharesError) as e:
         servers.close()
         fail(str(e))
 
 
 def _shares_engine(src: Path, shares: str, token: str | None, timeout: float, prepare_tokens: int,
-                   pin: str | None, ca: Path | None, insecure: bool):  # fmt: skip
+                   pin: str | None, ca: Path | None, insecure: bool, rounds: int):  # fmt: skip
     from ..shares.engine import SharesEngine
 
-    return SharesEngine(_shares_model(src, shares, token, timeout, pin, ca, insecure), prepare_tokens)
+    return SharesEngine(_shares_model(src, shares, token, timeout, pin, ca, insecure, rounds), prepare_tokens)
 
 
 def _client(client_dir: Path, server: str, token_file: Path | None, pin: str | None, ca: Path | None, insecure: bool):
@@ -142,6 +147,7 @@ def query(
     pin: Optional[str] = typer.Option(None, "--pin", help=PIN_HELP),
     ca: Optional[Path] = typer.Option(None, "--ca", help=CA_HELP),
     insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
+    rounds: int = typer.Option(2, "--rounds", min=2, max=4, help=ROUNDS_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Query a sealed model as the user (P3): embed and permute locally, send, un-permute.
@@ -153,7 +159,7 @@ def query(
     if (server is None) == (shares is None):
         fail("give --server (STIP) or --shares (shares mode), not both")
     if shares is not None:
-        _query_shares(client_dir, items, shares, read_token(token_file), as_json, pin, ca, insecure)
+        _query_shares(client_dir, items, shares, read_token(token_file), as_json, pin, ca, insecure, rounds)
         return
     c = _client(client_dir, server, token_file, pin, ca, insecure)
     with c:
@@ -195,10 +201,10 @@ def _stats_line(st) -> str:
 
 
 def _query_shares(src: Path, texts: list[str], shares: str, token: str | None, as_json: bool,
-                  pin: str | None, ca: Path | None, insecure: bool) -> None:  # fmt: skip
+                  pin: str | None, ca: Path | None, insecure: bool, rounds: int = 2) -> None:  # fmt: skip
     from ..shares import SharesError, one_thread
 
-    m = _shares_model(src, shares, token, pin=pin, ca=ca, insecure=insecure)
+    m = _shares_model(src, shares, token, pin=pin, ca=ca, insecure=insecure, rounds=rounds)
     with m.servers, one_thread():
         try:
             r = m.encode(texts)
@@ -224,11 +230,12 @@ def generate(
     pin: Optional[str] = typer.Option(None, "--pin", help=PIN_HELP),
     ca: Optional[Path] = typer.Option(None, "--ca", help=CA_HELP),
     insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
+    rounds: int = typer.Option(2, "--rounds", min=2, max=4, help=ROUNDS_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Generate text from a sealed causal LM as the user (P3), one round trip per token;
     sampling happens locally, the KV cache stays in the cloud. With --shares: P3 runs the
-    public model with the share servers (~4 round trips per layer), KV cache here."""
+    public model with the share servers (2 round trips per layer, --rounds), KV cache here."""
     import json
 
     sampling = any(v is not None for v in (temperature, top_p, seed))
@@ -272,7 +279,7 @@ def _generate_shares(src, prompt, shares, token, max_new_tokens, temperature, to
 
     from ..shares import SharesError, one_thread
 
-    m = _shares_model(src, shares, token, pin=pin, ca=ca, insecure=insecure)
+    m = _shares_model(src, shares, token, pin=pin, ca=ca, insecure=insecure, rounds=rounds)
     with m.servers, one_thread():
         try:
             ids = prompt if isinstance(prompt, list) else m.tokenizer(prompt)["input_ids"]

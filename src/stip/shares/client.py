@@ -22,7 +22,7 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ import torch
 from .. import tls, wire
 from ..models.source import load_source
 from . import protocol, ring
-from .walk import Cache, Walk, weight_matmuls
+from .walk import Cache, Walk, folded_matmuls, plain_matmuls
 
 log = logging.getLogger("stip.shares")
 
@@ -187,12 +187,14 @@ class Servers:
     def _hello(self) -> bytes:
         return wire.encode({}, {"op": protocol.HELLO, **({"token": self._token} if self._token else {})})
 
-    def expect(self, matmuls: dict[str, np.ndarray]) -> None:
-        """P3's own copy of the public weights: the servers must hold the same ones."""
+    def expect(self, matmuls: dict[str, np.ndarray], derived: Iterable[tuple[str, np.ndarray]] = ()) -> None:
+        """P3's own copy of the public weights: the servers must hold the same ones. ``derived``:
+        ops computed from them (the folded schedule's), whose column scales P3 needs too."""
         mine = ring.fingerprint(matmuls)
         if mine != self.hellos[0].get("fingerprint"):
             raise SharesError(f"the share servers hold {self.model}, not the model P3 loaded (fingerprint {mine[:16]})")
-        self.exponents = {k: ring.exponents(w) for k, w in matmuls.items()}
+        self.exponents.update((k, ring.exponents(w)) for k, w in matmuls.items())  # kept: both schedules may share a connection
+        self.exponents.update((k, ring.exponents(w)) for k, w in derived)
 
     def prepare(self, needs: Sequence[tuple[str, int]]) -> None:
         """The offline phase, before the input exists: for future matmuls (name, rows), fresh
@@ -362,9 +364,10 @@ class Encoding:
 
 class SharesModel:
     """The user's side. Loads the public model (a local HF folder), checks the servers hold
-    the same weights, and walks it with ``servers`` doing the weight matmuls."""
+    the same weights, and walks it with ``servers`` doing the weight matmuls, on the 2-round
+    schedule (norms folded into block weights) or the 4-round one (``rounds=4``)."""
 
-    def __init__(self, src, servers: Servers):
+    def __init__(self, src, servers: Servers, rounds: int = 2):
         """``src``: a local HF folder, or an already loaded `transformers` model."""
         from ..models.blocks import from_hf
 
@@ -373,9 +376,15 @@ class SharesModel:
         self.hf = src.eval() if loaded else load_source(src)
         self.config = self.hf.config
         self.cfg, params = from_hf(self.hf)
-        servers.expect(weight_matmuls(self.cfg, params))
+        self.walk = Walk(self.cfg, params, servers.matmul, rounds)
+        self.rounds = rounds
+        missing = [op for op in self.walk.ops() if op not in servers.ops]
+        if missing:
+            raise SharesError(f"the share servers do not hold the {rounds}-round schedule's matmuls ({missing[0]}, …): "
+                              "an older stip share-server? Use rounds=4 (--rounds 4)")  # fmt: skip
+        plain = plain_matmuls(self.cfg, params)
+        servers.expect(plain, folded_matmuls(self.cfg, params, plain) if rounds == 2 else ())
         self.servers = servers
-        self.walk = Walk(self.cfg, params, servers.matmul)
         self._tokenizer = None
 
     def plan(self, tokens: int, new_tokens: int = 0) -> list[tuple[str, int]]:

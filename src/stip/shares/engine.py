@@ -42,7 +42,7 @@ class SharesEngine:
             self._filler.start()
 
     def _top_up(self) -> None:
-        servers, names = self.model.servers, sorted(self.model.servers.ops)  # every matmul
+        servers, names = self.model.servers, self.model.walk.ops()  # every matmul of its schedule
         while not self._stop.wait(0.05):
             if all(servers.prepared(n) >= self.prepare_tokens // 2 for n in names):
                 continue

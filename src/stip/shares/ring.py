@@ -118,21 +118,25 @@ def exponents(w: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class Weight:
     """One weight matrix as a server holds it: W·2^s_j rounded, float64 (in, out), and how many
-    limbs its matmul cuts a share into."""
+    limbs its matmul cuts a share into. ``zero``: (rows, cols) when the first ``cols`` columns
+    read only the first ``rows`` rows (a block weight), so their GEMM skips the zeros."""
 
     w: np.ndarray
     exponents: np.ndarray  # s_j, (out,)
     limbs: int = LIMBS
+    zero: tuple[int, int] | None = None
 
     @classmethod
-    def encode(cls, w: np.ndarray, limbs: int = LIMBS) -> "Weight":
+    def encode(cls, w: np.ndarray, limbs: int = LIMBS, zero: tuple[int, int] | None = None) -> "Weight":
         if limbs not in _SPLIT:
             raise ValueError(f"limbs must be one of {sorted(_SPLIT)}")
         w = np.asarray(w, np.float64)
+        if zero is not None and w[zero[0] :, : zero[1]].any():
+            raise ValueError("the block said to be zero is not")
         e = exponents(w)
         enc = np.rint(w * np.exp2(e.astype(np.float64)))
         assert (np.abs(enc).sum(0) <= 2.0**MASS).all()
-        return cls(enc, e, limbs)
+        return cls(enc, e, limbs, zero)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -149,7 +153,12 @@ def matmul(x: np.ndarray, weight: Weight) -> np.ndarray:
         limbs[j * n : (j + 1) * n] = low
         u = (u - low) >> np.int64(bits)  # an exact shift
     limbs[-n:] = u  # the high limb, signed
-    y = limbs @ weight.w
+    if weight.zero is None:
+        y = limbs @ weight.w
+    else:  # the zero block adds exact zeros: skipping it changes no bit
+        (k, c), y = weight.zero, np.empty((limbs.shape[0], weight.shape[1]))
+        np.matmul(limbs[:, :k], weight.w[:k, :c], out=y[:, :c])
+        np.matmul(limbs, weight.w[:, c:], out=y[:, c:])
     out, shift = np.zeros((n, y.shape[1]), np.int64), 0
     for j, bits in enumerate(split):
         part = y[j * n : (j + 1) * n]

@@ -34,7 +34,7 @@ import torch
 from .. import wire
 from ..models.source import load_source
 from . import protocol, ring
-from .walk import weight_matmuls
+from .walk import folded_matmuls, plain_matmuls, zero_block
 
 log = logging.getLogger("stip.shares.server")
 
@@ -68,9 +68,11 @@ class ShareServer:
         from ..models.blocks import from_hf
 
         cfg, params = from_hf(model)
-        matmuls = weight_matmuls(cfg, params)
-        digest = ring.fingerprint(matmuls)
-        ops = {name: ring.Weight.encode(w, limbs) for name, w in matmuls.items()}
+        plain = plain_matmuls(cfg, params)
+        digest = ring.fingerprint(plain)  # the folded ops are a function of these
+        ops = {name: ring.Weight.encode(w, limbs) for name, w in plain.items()}
+        for name, w in folded_matmuls(cfg, params, plain):  # both schedules: P3 picks
+            ops[name] = ring.Weight.encode(w, limbs, zero_block(name, w, cfg.hidden))
         return cls(ops, f"{model.config.model_type}-{digest[:16]}", digest, **kwargs)
 
     @property

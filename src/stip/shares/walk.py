@@ -2,19 +2,35 @@
 
 Every weight matmul goes to the servers through ``matmul(name, x)``; everything else runs
 here: norms, biases, RoPE, attention with P3's own KV cache, activations, residuals. The same
-walk covers post-LN encoders (BERT/MiniLM) and pre-LN decoders (LLaMA/SmolLM2, GPT-2).
+walk covers post-LN encoders (BERT/MiniLM) and pre-LN decoders (LLaMA/SmolLM2, GPT-2), on
+either of two schedules (``rounds``):
 
-The servers' matmuls, per layer i (``weight_matmuls``), about four dependent round trips:
+4 rounds a layer, each matmul on its own (``plain_matmuls``):
 
     i.qkv   [W_q | W_k | W_v]            i.up    [W_gate | W_up] (SwiGLU) or W_1
     i.o     W_o                          i.down  W_2                      head   the LM head
+
+2 rounds a layer (``folded_matmuls``; docs/shares.md, "The folded schedule"). A norm is a
+per-row scale: norm(s)·W = r(s)·(s·W̃) + β·W with W̃ = C·diag(γ)·W (C the mean subtraction of
+LayerNorm, I for RMSNorm), and P3, which holds s, computes r(s) itself. So one round carries a
+residual update and the next norm's matmul, from a block weight:
+
+    i.o+up      [o | h̃]  · [[W_o, W_o·W̃_up], [0, W_up]]           → [o·W_o | (h + o·W_o)·W̃_up]
+    i.down+qkv  [m | h̃₂] · [[W_down, W_down·W̃_qkv'], [0, W_qkv']]  → the same, for layer i+1's QKV
+
+where h̃ = (h·C)∘γ, the residual as the norm would see it but for the per-row r(h): it keeps
+the plain schedule's precision (a raw residual's outlier dimensions, which γ damps, would set
+the row's fixed-point scale). Layer 0's QKV, the last layer's down projection and the head
+are the plain ops. A head merged into the last round would multiply a 49k-wide head by W_down
+(measured for SmolLM2: 119 ms against 27 ms a row, 830 MB against 226 MB), more than the one
+round it saves.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -22,10 +38,12 @@ import torch
 from ..models.blocks import Config
 
 Matmul = Callable[[str, torch.Tensor], torch.Tensor]  # (name, x (rows, in)) → x·W (rows, out)
+SCHEDULES = (4, 2)  # rounds per layer
 
 
-def weight_matmuls(cfg: Config, params: dict) -> dict[str, np.ndarray]:
-    """What the servers hold: each matmul's weight (in, out), named as the walk asks for it."""
+def plain_matmuls(cfg: Config, params: dict) -> dict[str, np.ndarray]:
+    """The 4-round schedule's matmuls: each weight (in, out), named as the walk asks for it.
+    They are the model's weights as they are: the fingerprint covers these."""
     _check(cfg)
     ops = {}
     for i, p in enumerate(params["layers"]):
@@ -36,6 +54,49 @@ def weight_matmuls(cfg: Config, params: dict) -> dict[str, np.ndarray]:
     if cfg.head == "every_token":
         ops["head"] = params["head"]["w"]
     return ops
+
+
+def folded_matmuls(cfg: Config, params: dict, plain: dict[str, np.ndarray] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """The 2-round schedule's block weights, one at a time (each is float64, and a big model's
+    all at once would double a server's peak memory). The weights are public: merged products
+    are computed here, once, and encoded at their own column scales."""
+    plain = plain_matmuls(cfg, params) if plain is None else plain
+    layers = params["layers"]
+    for i, p in enumerate(layers):
+        yield f"{i}.o+up", _block(plain[f"{i}.o"], _fold(cfg, _norm_before_up(cfg, p), plain[f"{i}.up"]), plain[f"{i}.up"])
+        if i + 1 < len(layers):
+            nxt = plain[f"{i + 1}.qkv"]
+            yield f"{i}.down+qkv", _block(plain[f"{i}.down"], _fold(cfg, _norm_before_qkv(cfg, layers, i), nxt), nxt)
+
+
+def zero_block(name: str, w: np.ndarray, hidden: int) -> tuple[int, int] | None:
+    """A block weight's structure, for the server to skip its zero block: its first ``cols``
+    columns read only its first ``rows`` rows."""
+    if name.endswith(("+up", "+qkv")):
+        return w.shape[0] - hidden, hidden
+    return None
+
+
+def _norm_before_up(cfg: Config, p: dict) -> dict:
+    return p["ln2"] if cfg.prenorm else p["ln1"]
+
+
+def _norm_before_qkv(cfg: Config, layers: list[dict], i: int) -> dict:
+    """The norm between layer i's down projection and layer i+1's QKV."""
+    return layers[i + 1]["ln1"] if cfg.prenorm else layers[i]["ln2"]
+
+
+def _fold(cfg: Config, norm: dict, w: np.ndarray) -> np.ndarray:
+    """W̃ = C·diag(γ)·W: C subtracts each column's mean (LayerNorm)."""
+    folded = np.asarray(norm["g"], np.float64)[:, None] * np.asarray(w, np.float64)
+    return folded - folded.mean(0, keepdims=True) if cfg.norm == "layer" else folded
+
+
+def _block(first: np.ndarray, folded: np.ndarray, then: np.ndarray) -> np.ndarray:
+    """[[A, A·W̃], [0, W]]: [x | h̃] → [x·A | x·A·W̃ + h̃·W], one ring product per column."""
+    first = np.asarray(first, np.float64)
+    top = np.concatenate([first, first @ folded], 1)
+    return np.concatenate([top, np.concatenate([np.zeros((then.shape[0], first.shape[1])), np.asarray(then, np.float64)], 1)], 0)
 
 
 def _check(cfg: Config) -> None:
@@ -59,15 +120,27 @@ class Cache:
 
 
 class Walk:
-    def __init__(self, cfg: Config, params: dict, matmul: Matmul):
+    def __init__(self, cfg: Config, params: dict, matmul: Matmul, rounds: int = 2):
         _check(cfg)
-        self.cfg, self.matmul = cfg, matmul
+        if rounds not in SCHEDULES:
+            raise ValueError(f"rounds must be 4 or 2 per layer, not {rounds!r}")
+        self.cfg, self.matmul, self.rounds = cfg, matmul, rounds
         t = lambda a: None if a is None else torch.as_tensor(np.asarray(a, np.float32))  # noqa: E731
         self.layers = [{k: ({kk: t(vv) for kk, vv in v.items()} if isinstance(v, dict) else t(v))
                         for k, v in p.items() if not k.startswith("w")} for p in params["layers"]]  # fmt: skip
         self.embed_norm = {k: t(v) for k, v in params["embed_norm"].items()} if cfg.embed_norm else None
         self.final_norm = {k: t(v) for k, v in params["final_norm"].items()} if cfg.final_norm else None
         self.head_bias = t(params["head"]["b"]) if cfg.head == "every_token" else None
+        self.consts = {k: (t(a), t(b)) for k, (a, b) in _constants(cfg, params).items()} if rounds == 2 else {}
+
+    def ops(self) -> list[str]:
+        """The matmuls this schedule asks for."""
+        n = len(self.layers)
+        if self.rounds == 4:
+            names = [f"{i}.{op}" for i in range(n) for op in ("qkv", "o", "up", "down")]
+        else:
+            names = ["0.qkv"] + [op for i in range(n) for op in (f"{i}.o+up", f"{i}.down+qkv" if i + 1 < n else f"{i}.down")]
+        return names + (["head"] if self.head_bias is not None else [])
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: Cache | None = None,
                 head_rows: str = "last") -> torch.Tensor:  # fmt: skip
@@ -87,20 +160,60 @@ class Walk:
         if cfg.causal:
             blocked = blocked | torch.ones(n, mask.shape[1], dtype=torch.bool).triu(seen + 1)  # the future
         bias = torch.zeros(blocked.shape).masked_fill(blocked, torch.finfo(torch.float32).min)
+        rotation = None if cfg.rope_theta is None else _rotation(positions, cfg.rope_theta, cfg.head_dim)
         h = self._norm(x, self.embed_norm) if cfg.embed_norm else x
+        h = (self._layers_4 if self.rounds == 4 else self._layers_2)(h, bias, rotation, cache)
+        if self.head_bias is None:
+            return self._norm(h, self.final_norm) if self.final_norm is not None else h
+        rows = h if head_rows == "all" else h[:, -1:]
+        if self.final_norm is not None:
+            rows = self._norm(rows, self.final_norm)
+        return self._linear("head", rows) + self.head_bias
+
+    def _layers_4(self, h, bias, rotation, cache):
         for i, p in enumerate(self.layers):
-            if cfg.prenorm:
-                h = h + self._attention(i, self._norm(h, p.get("ln1")), p, bias, positions, cache)
+            if self.cfg.prenorm:
+                h = h + self._attention(i, self._norm(h, p.get("ln1")), p, bias, rotation, cache)
                 h = h + self._ffn(i, self._norm(h, p.get("ln2")), p)
             else:
-                h = self._norm(h + self._attention(i, h, p, bias, positions, cache), p["ln1"])
+                h = self._norm(h + self._attention(i, h, p, bias, rotation, cache), p["ln1"])
                 h = self._norm(h + self._ffn(i, h, p), p["ln2"])
-        if self.final_norm is not None:
-            h = self._norm(h, self.final_norm)
-        if self.head_bias is None:
-            return h
-        rows = h if head_rows == "all" else h[:, -1:]
-        return self._linear("head", rows) + self.head_bias
+        return h
+
+    def _layers_2(self, h, bias, rotation, cache):
+        """Layer 0's QKV, then per layer B [o | h̃] and C [m | h̃₂]."""
+        cfg, hidden, n = self.cfg, self.cfg.hidden, len(self.layers)
+        qkv = self._linear("0.qkv", self._norm(h, self.layers[0]["ln1"]) if cfg.prenorm else h)
+        for i, p in enumerate(self.layers):
+            o = self._attend(i, qkv + torch.cat([p["bq"], p["bk"], p["bv"]]), p, bias, rotation, cache)
+            up = p["ln2"] if cfg.prenorm else p["ln1"]
+            a, z = _split(self._linear(f"{i}.o+up", torch.cat([o, self._tilde(h, up)], -1)), hidden)
+            s = h + a + p["bo"]
+            m = self._activate(self._scaled(f"{i}.o+up", s, z), p)
+            h = s if cfg.prenorm else self._norm(s, up)
+            if i + 1 < n:
+                nxt = self.layers[i + 1]["ln1"] if cfg.prenorm else p["ln2"]
+                d, z = _split(self._linear(f"{i}.down+qkv", torch.cat([m, self._tilde(h, nxt)], -1)), hidden)
+                t = h + d + p["b2"]
+                qkv = self._scaled(f"{i}.down+qkv", t, z)
+            else:
+                t = h + self._linear(f"{i}.down", m) + p["b2"]
+            h = t if cfg.prenorm else self._norm(t, p["ln2"])
+        return h
+
+    def _tilde(self, x: torch.Tensor, norm: dict) -> torch.Tensor:
+        """(x·C)∘γ: what the norm makes of x, but for the per-row scale r(x) and the shift β."""
+        centred = x - x.mean(-1, keepdim=True) if self.cfg.norm == "layer" else x
+        return centred * norm["g"]
+
+    def _scaled(self, name: str, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """norm(s)·W from z = (s − carry)·W̃, the servers' block product: r(s)·(z + carry·W̃) + β·W."""
+        carry, beta = self.consts[name]
+        if self.cfg.norm == "rms":
+            r = torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + self.cfg.eps)
+        else:
+            r = torch.rsqrt(s.var(-1, unbiased=False, keepdim=True) + self.cfg.eps)
+        return r * (z + carry) + beta
 
     def _linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -111,17 +224,21 @@ class Walk:
             return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.cfg.eps) * p["g"]
         return torch.nn.functional.layer_norm(x, x.shape[-1:], p["g"], p["b"], self.cfg.eps)
 
-    def _attention(self, i: int, x, p, bias, positions, cache: Cache | None) -> torch.Tensor:
-        cfg = self.cfg
-        b, n, _ = x.shape
-        hd, h, kv = cfg.head_dim, cfg.heads, cfg.n_kv
+    def _attention(self, i: int, x, p, bias, rotation, cache: Cache | None) -> torch.Tensor:
         qkv = self._linear(f"{i}.qkv", x) + torch.cat([p["bq"], p["bk"], p["bv"]])
+        return self._linear(f"{i}.o", self._attend(i, qkv, p, bias, rotation, cache)) + p["bo"]
+
+    def _attend(self, i: int, qkv, p, bias, rotation, cache: Cache | None) -> torch.Tensor:
+        """Everything between the QKV and the output projection: RoPE, the cache, softmax."""
+        cfg = self.cfg
+        b, n, _ = qkv.shape
+        hd, h, kv = cfg.head_dim, cfg.heads, cfg.n_kv
         q, k, v = qkv.split([h * hd, kv * hd, kv * hd], -1)
         q = q.view(b, n, h, hd).transpose(1, 2)
         k = k.view(b, n, kv, hd).transpose(1, 2)
         v = v.view(b, n, kv, hd).transpose(1, 2)
-        if cfg.rope_theta is not None:
-            q, k = _rope(q, positions, cfg.rope_theta), _rope(k, positions, cfg.rope_theta)
+        if rotation is not None:
+            q, k = _rope(q, rotation), _rope(k, rotation)
         if cache is not None:
             if len(cache.kv) > i:
                 k, v = torch.cat([cache.kv[i][0], k], 2), torch.cat([cache.kv[i][1], v], 2)
@@ -131,17 +248,37 @@ class Walk:
         group = h // kv
         k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
         scores = q @ k.transpose(-1, -2) / math.sqrt(hd) + bias
-        o = (torch.softmax(scores, -1) @ v).transpose(1, 2).reshape(b, n, h * hd)
-        return self._linear(f"{i}.o", o) + p["bo"]
+        return (torch.softmax(scores, -1) @ v).transpose(1, 2).reshape(b, n, h * hd)
 
     def _ffn(self, i: int, x, p) -> torch.Tensor:
-        u = self._linear(f"{i}.up", x)
+        return self._linear(f"{i}.down", self._activate(self._linear(f"{i}.up", x), p)) + p["b2"]
+
+    def _activate(self, u, p) -> torch.Tensor:
         if self.cfg.glu:
             gate, up = u.split(u.shape[-1] // 2, -1)
-            u = _act(self.cfg.activation, gate) * (up + p["b1"])
-        else:
-            u = _act(self.cfg.activation, u + p["b1"])
-        return self._linear(f"{i}.down", u) + p["b2"]
+            return _act(self.cfg.activation, gate) * (up + p["b1"])
+        return _act(self.cfg.activation, u + p["b1"])
+
+
+def _split(y: torch.Tensor, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return y[..., :hidden], y[..., hidden:]
+
+
+def _constants(cfg: Config, params: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per folded op, the two rows P3 adds: carry·W̃ (the bias the servers' input left out)
+    and β·W (LayerNorm's shift). Cheap: vector-matrix products of the public weights."""
+    plain, layers, out = plain_matmuls(cfg, params), params["layers"], {}
+
+    def pair(norm: dict, w: np.ndarray, carry: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        w = np.asarray(w, np.float64)
+        shift = np.asarray(norm["b"], np.float64) @ w if cfg.norm == "layer" else np.zeros(w.shape[1])
+        return np.asarray(carry, np.float64) @ _fold(cfg, norm, w), shift
+
+    for i, p in enumerate(layers):
+        out[f"{i}.o+up"] = pair(_norm_before_up(cfg, p), plain[f"{i}.up"], p["bo"])
+        if i + 1 < len(layers):
+            out[f"{i}.down+qkv"] = pair(_norm_before_qkv(cfg, layers, i), plain[f"{i + 1}.qkv"], p["b2"])
+    return out
 
 
 def _act(kind: str, x: torch.Tensor) -> torch.Tensor:
@@ -154,11 +291,17 @@ def _act(kind: str, x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(x)
 
 
-def _rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """HF's rotate-half RoPE on (batch, heads, tokens, head_dim) at the given positions."""
-    hd = x.shape[-1]
+def _rotation(positions: torch.Tensor, theta: float, hd: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF's rotate-half RoPE tables (cos, sin) at the given positions, once per pass: every
+    layer rotates by the same angles."""
     inv = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
     ang = positions[:, None, :, None].float() * inv
-    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
-    half = hd // 2
+    ang = torch.cat([ang, ang], -1)
+    return ang.cos(), ang.sin()
+
+
+def _rope(x: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate (batch, heads, tokens, head_dim) by ``_rotation``'s tables."""
+    cos, sin = rotation
+    half = x.shape[-1] // 2
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
