@@ -14,6 +14,7 @@ import time
 import pytest
 from haproxy import HAProxy
 
+from stip import relay
 from stip.relay import Relay
 
 
@@ -250,6 +251,20 @@ def test_relay_runs_as_its_own_process():
             proc.stdin.close()  # its signal to stop
             assert proc.wait(10) == 0
             proc.stdout.close()
+
+
+def test_an_emulated_link_in_a_process_of_its_own_measures_rtt_plus_serialisation():
+    """`relay.emulated` (what the bench and benchmarks put before each server) and
+    `relay.round_trip` (STIP's one exchange): 30 ms of RTT, and 400 kB at 40 Mbit/s (80 ms)."""
+    with Server() as echo, relay.emulated(f"tcp://{echo.address}", 0.03) as address:
+        assert exchange(address, b"far away") == b"far away"
+    small = relay.round_trip(0.03, None, 100, 100, repeats=3)
+    bulk = relay.round_trip(0.03, 40e6, 400_000, 100, repeats=3)
+    assert 0.03 <= small < 0.03 + 0.02
+    assert 0.03 + 0.08 <= bulk < 0.03 + 0.08 + 0.04
+    with pytest.raises(RuntimeError, match="did not start"):
+        with relay.emulated("nowhere", 0.01):
+            pass
 
 
 def test_haproxy_forwards_and_fails_over_to_the_next_replica():

@@ -23,12 +23,17 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import select
 import socket
+import statistics
 import struct
+import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Iterator
 
 CHUNK = 1 << 16
 BUFFER = 4 << 20  # ~ Linux's largest autotuned TCP window
@@ -285,13 +290,80 @@ class Relay:
             self._open.discard(conn)
 
 
+@contextlib.contextmanager
+def emulated(target: str, rtt: float, bandwidth: float | None = None, timeout: float = 30.0) -> Iterator[str]:
+    """A relay to ``target`` ("HOST:PORT", or tcp:// or tls:// before it) as its own process, for measurements: its threads
+    then never wait on this process's GIL. Yields the address to connect to instead."""
+    cmd = [sys.executable, "-m", "stip.relay", target, "--rtt", repr(rtt)] + (["--bandwidth", repr(bandwidth)] if bandwidth else [])
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        address = proc.stdout.readline().strip() if ready else ""
+        if not address:
+            proc.kill()
+            raise RuntimeError(f"the relay to {target} did not start: {proc.stderr.read().strip()[-500:] or 'no address printed'}")
+        yield address
+    finally:
+        if proc.poll() is None:
+            proc.stdin.close()  # it exits when stdin closes
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def round_trip(rtt: float, bandwidth: float | None, up: int, down: int, repeats: int = 5) -> float:
+    """The median seconds for ``up`` bytes to cross an emulated link and ``down`` bytes to come
+    back, on one kept-open connection (as a client's HTTP connection is): a sink on loopback
+    answers each request, through a relay process."""
+    sink = socket.create_server(("127.0.0.1", 0))
+    reply = bytes(down)
+
+    def serve() -> None:
+        conn, _ = sink.accept()
+        with conn:
+            for _ in range(repeats + 1):
+                got = 0
+                while got < up:
+                    chunk = conn.recv(min(CHUNK, up - got))
+                    if not chunk:
+                        return
+                    got += len(chunk)
+                conn.sendall(reply)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    times, request = [], bytes(up)
+    try:
+        with emulated(f"127.0.0.1:{sink.getsockname()[1]}", rtt, bandwidth) as address:
+            host, _, port = address.rpartition(":")
+            with socket.create_connection((host, int(port))) as c:
+                c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                for i in range(repeats + 1):  # the first warms the connection up
+                    t0 = time.perf_counter()
+                    c.sendall(request)
+                    got = 0
+                    while got < down:
+                        chunk = c.recv(CHUNK)
+                        if not chunk:
+                            raise ConnectionError("the relay closed the connection")
+                        got += len(chunk)
+                    if i:
+                        times.append(time.perf_counter() - t0)
+    finally:
+        sink.close()
+        thread.join(5)
+    return statistics.median(times)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m stip.relay", description="Relay loopback TCP to HOST:PORT.")
     ap.add_argument("target", help="HOST:PORT")
     ap.add_argument("--rtt", type=float, default=0.0, help="seconds added to each round trip")
     ap.add_argument("--bandwidth", type=float, default=None, help="bits/s each way (default: unlimited)")
     args = ap.parse_args(argv)
-    host, _, port = args.target.rpartition(":")
+    host, _, port = args.target.rpartition("://")[2].rpartition(":")
     with Relay((host.strip("[]"), int(port)), rtt=args.rtt, bandwidth=args.bandwidth) as r:
         print(r.address, flush=True)
         sys.stdin.read()  # until the parent closes the pipe or exits: no orphaned relay
