@@ -37,13 +37,14 @@ class Settings:
     out: Path = Path("bench-out")
     tokens: int = 32
     modes: tuple[str, ...] = MODES
-    network: str = "none"  # "none" | "lan" | "wan": add an estimated network time
+    network: str = "none"  # "none" | "lan" | "wan": add the network time, estimated and measured through a relay
     full: bool = False
     repeats: int = 5
     batch: int = 1
     mpc_layers: int | None = None
     seed: int = 0
     shares_limbs: int = 2
+    shares_rounds: int = 2  # round trips per layer: 2 (folded) or 4
 
     def __post_init__(self):
         unknown = [m for m in self.modes if m not in MODES]
@@ -53,6 +54,8 @@ class Settings:
             raise ValueError("--network must be none, lan or wan")
         if self.shares_limbs not in (2, 3):
             raise ValueError("--shares-limbs must be 2 or 3")
+        if self.shares_rounds not in (2, 4):
+            raise ValueError("--shares-rounds must be 2 or 4")
         if self.repeats < 1 or self.tokens < 1 or self.batch < 1:
             raise ValueError("--repeats, --tokens and --batch must be at least 1")
 
@@ -71,6 +74,7 @@ class Row:
     plain_latency_s: float = 0.0  # the plaintext model at the same depth, same run
     ratio: float = 0.0  # latency_s / plain_latency_s
     network_latency_s: float | None = None  # latency + estimated transfer and round trips
+    network_measured_s: float | None = None  # through `stip.relay` processes emulating the network
     notes: list[str] = field(default_factory=list)
 
 
@@ -92,6 +96,7 @@ def _mpc_layers(s: Settings, protocol: str, subject) -> int:
 
 
 def run(s: Settings, progress: Callable[[str], None] = lambda _: None) -> dict:
+    from .. import relay
     from ..mpc import netem
 
     progress("loading and sealing the model")
@@ -138,14 +143,23 @@ def run(s: Settings, progress: Callable[[str], None] = lambda _: None) -> dict:
         row.ratio = row.latency_s / row.plain_latency_s
         if s.network != "none" and row.mode != "plain":
             profile = netem.PROFILES[s.network]
-            row.network_latency_s = netem.estimate(row.latency_s, [row.bytes_up or 0, row.bytes_down or 0], row.rounds or 0, profile)
+            up, down = row.bytes_up or 0, row.bytes_down or 0
+            # a request and its answer cross one after the other; MPC's parties send at once
+            both = [up, down] if row.mode.startswith("mpc-") else [up + down]
+            row.network_latency_s = netem.estimate(row.latency_s, both, row.rounds or 0, profile)
+            if row.mode == "stip":  # its one request and answer, as bytes through the emulated link
+                progress(f"STIP's round trip through a relay ({s.network})")
+                row.network_measured_s = row.latency_s + relay.round_trip(profile.rtt_s, profile.mbit_per_s * 1e6,
+                                                                          row.bytes_up, row.bytes_down)  # fmt: skip
     if any(r.layers != subject.layers for r in rows):
         notes.append("rows with fewer layers than the model compare with, and divide by, the plaintext model "
                      "truncated to the same layers, measured in the same run")
     if s.network != "none":
         p = netem.PROFILES[s.network]
-        notes.append(f"network column: an estimate, not an emulation — latency + max(bytes up, bytes down) at "
-                     f"{p.mbit_per_s:g} Mbit/s + rounds × {1e3 * p.rtt_s:g} ms RTT")
+        notes.append(f"network estimate: latency + bytes up and down (MPC: the larger of the two parties') at {p.mbit_per_s:g} Mbit/s + rounds × "
+                     f"{1e3 * p.rtt_s:g} ms RTT. Measured: through `stip.relay` processes that delay each direction by "
+                     f"RTT/2 and pace it at {p.mbit_per_s:g} Mbit/s (no loss, no congestion window): shares mode runs "
+                     "whole through one relay per server; STIP (in process) adds one round trip of its bytes through one")
     return {"settings": {**asdict(s), "model": str(s.model) if s.model else None, "out": str(s.out)},
             "subject": {"name": subject.name, "kind": subject.kind, "description": subject.describe(),
                         "layers": subject.layers, "tokens": subject.tokens, "batch": subject.batch},
@@ -184,23 +198,33 @@ def _plain_and_stip(subject, s: Settings, depths: set[int], progress):
 def _shares(subject, s: Settings, reference, progress) -> list[Row]:
     """Two rows, each in its best set-up on one machine. Both servers online: one BLAS thread
     each, as they compute at the same time. Masks prepared offline (``Servers.prepare``): the
-    online pass asks S2 alone, so the servers get every core; the offline cost is in the notes."""
-    rows = []
+    online pass asks S2 alone, so the servers get every core; the offline cost is in the notes.
+    With a network, each row is timed again through relays that emulate it."""
+    from ..mpc import netem
+
+    rows, profile = [], netem.PROFILES.get(s.network)
     for prepared, mode, threads in ((False, "shares", 1), (True, "shares-prepared", None)):
         progress(f"{mode}: starting two share servers ({threads or 'all'} BLAS thread(s) each) …")
-        times = []
-        with subject.shares(threads, s.shares_limbs) as run:
+        times, far = [], []
+        with subject.shares(threads, s.shares_limbs, s.shares_rounds, profile) as run:
             last = run(prepared)  # warm-up
             for r in range(s.repeats):
                 progress(f"{mode}, round {r + 1}/{s.repeats}")
                 t0 = time.perf_counter()
                 last = run(prepared)
                 times.append(time.perf_counter() - t0 - last[3])  # online only
+            if profile is not None:
+                run(prepared, far=True)  # warm-up
+                for r in range(s.repeats):
+                    progress(f"{mode} through the emulated {s.network}, round {r + 1}/{s.repeats}")
+                    t0 = time.perf_counter()
+                    far_run = run(prepared, far=True)
+                    far.append(time.perf_counter() - t0 - far_run[3])
         out, st, off, off_s = last
         err, top1 = compare(out, reference)
         seconds = statistics.median(times)
         server = 1 if prepared else 0
-        note = (f"{mode}: two share servers as processes on loopback ({s.shares_limbs} limbs, {threads or 'all'} BLAS thread(s) "
+        note = (f"{mode}: {s.shares_rounds} rounds per layer; two share servers as processes on loopback ({s.shares_limbs} limbs, {threads or 'all'} BLAS thread(s) "
                 f"each), P3 in this process on one thread, all on this machine's cores; of the {seconds * 1e3:.0f} ms, P3 waited "
                 f"{st.wait_seconds * 1e3:.0f} ms for the servers (their matmuls: S1 {st.server_seconds[0] * 1e3:.0f} ms, "
                 f"S2 {st.server_seconds[1] * 1e3:.0f} ms); bytes are S{server + 1}'s")
@@ -210,7 +234,7 @@ def _shares(subject, s: Settings, reference, progress) -> list[Row]:
         else:
             note += " (S2's are the same)"
         rows.append(Row(mode, subject.layers, s.repeats, seconds, st.bytes_up[server], st.bytes_down[server], st.rounds, err,
-                        top1, notes=[note]))  # fmt: skip
+                        top1, network_measured_s=statistics.median(far) if far else None, notes=[note]))  # fmt: skip
     return rows
 
 

@@ -63,14 +63,15 @@ def table(results: dict) -> str:
     net = results["settings"]["network"]
     head = ["mode", "layers", "latency (median)", "× plaintext", "bytes up", "bytes down", "rounds", "max abs error", "top-1 agreement"]
     if net != "none":
-        head.insert(3, f"latency + {net} estimate")
+        head[3:3] = [f"latency + {net} estimate", f"{net}, measured"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results["rows"]:
         cells = [LABELS[r["mode"]], str(r["layers"]), f"{_ms(r['latency_s'])} (n={r['runs']})", f"{r['ratio']:,.2f}×",
                  _bytes(r["bytes_up"]), _bytes(r["bytes_down"]), "—" if r["rounds"] is None else f"{r['rounds']:,}",
                  f"{r['max_abs_error']:.1e}", f"{100 * r['top1_agreement']:.1f} %"]
         if net != "none":
-            cells.insert(3, "—" if r["network_latency_s"] is None else _ms(r["network_latency_s"]))
+            cells[3:3] = ["—" if r["network_latency_s"] is None else _ms(r["network_latency_s"]),
+                          "—" if r.get("network_measured_s") is None else _ms(r["network_measured_s"])]
         lines.append("| " + " | ".join(cells) + " |")
     for s in results["skipped"]:
         lines.append(f"| {LABELS[s['mode']]} | skipped: {s['reason']} |" + " |" * (len(head) - 2))

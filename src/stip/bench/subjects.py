@@ -100,9 +100,14 @@ class HFSubject:
         return StipRun(client.unpermute_outputs(out)[self.output_name], len(wire.encode(up)), len(wire.encode(down)))
 
     @contextmanager
-    def shares(self, threads: int | None = 1, limbs: int = 2):
+    def shares(self, threads: int | None = 1, limbs: int = 2, rounds: int = 2, network=None):
         """Shares mode: two share servers as subprocesses (``threads`` BLAS threads each; None:
-        all cores), and a run(prepared) for one pass."""
+        all cores), and a run(prepared, far=False) for one pass on the ``rounds`` schedule;
+        with a ``network`` (`netem.Profile`), ``far=True`` runs it through one relay process
+        per server that emulates it."""
+        from contextlib import ExitStack
+
+        from .. import relay
         from ..serve.process import ServerProcess
         from ..shares import Servers, SharesModel, one_thread
 
@@ -110,11 +115,20 @@ class HFSubject:
             raise Skip("shares mode walks text models (ViT's patch embedding is not in its walk)")
         args = ("--limbs", str(limbs)) + (("--threads", str(threads)) if threads else ())
         spawn = lambda: ServerProcess(self.path, *args, command="share-server", timeout=600)  # noqa: E731
-        with spawn() as a, spawn() as b, Servers([a.url, b.url]) as conn, one_thread():
-            p3 = SharesModel(self.model, conn)
+        with ExitStack() as stack:
+            a, b = stack.enter_context(spawn()), stack.enter_context(spawn())
+            near = stack.enter_context(Servers([a.url, b.url]))
+            p3s = {False: (SharesModel(self.model, near, rounds), near)}
+            if network is not None:
+                link = dict(rtt=network.rtt_s, bandwidth=network.mbit_per_s * 1e6)
+                via = [stack.enter_context(relay.emulated(x.url, **link)) for x in (a, b)]
+                far = stack.enter_context(Servers(via))
+                p3s[True] = (SharesModel(self.model, far, rounds), far)
+            stack.enter_context(one_thread())
 
-            def run(prepared: bool = False):
+            def run(prepared: bool = False, far: bool = False):
                 """(output, this pass's online traffic, offline traffic, offline seconds)."""
+                p3, conn = p3s[far]
                 offline, t0 = conn.offline.copy(), time.perf_counter()
                 if prepared:
                     conn.prepare(p3.plan(self.inputs["input_ids"].shape[1]))
@@ -209,7 +223,7 @@ class PolySubject:
     def he(self):
         return self.plan, self.he_inputs
 
-    def shares(self, threads: int | None = 1, limbs: int = 2):
+    def shares(self, threads: int | None = 1, limbs: int = 2, rounds: int = 2, network=None):
         raise Skip("shares mode walks Hugging Face transformers; the polynomial models are not")
 
 

@@ -16,13 +16,14 @@ def bench(
     model: Optional[Path] = typer.Option(None, "--model", metavar="SRC", help="Local HF model folder, a `stip train polyformer` folder, or minilm / smollm2 (the embedded models; default: minilm)."),
     tokens: int = typer.Option(32, "--tokens", min=1, help="Input length for text models (image models: fixed by the image size)."),
     modes: str = typer.Option(",".join(("plain", "stip", "shares", "mpc-semi2k", "mpc-cheetah", "he")), "--modes", help="Comma-separated: plain, stip, shares, mpc-semi2k, mpc-cheetah, he."),
-    network: str = typer.Option("none", "--network", help="none | lan | wan: add an estimated network time per mode."),
+    network: str = typer.Option("none", "--network", help="none | lan | wan: add the network time per mode, estimated, and measured through relays that emulate it (shares, STIP)."),
     out_dir: Path = typer.Option(..., "--out", metavar="DIR", help="Writes DIR/results.json, DIR/report.md, DIR/latency.png, DIR/bytes.png."),
     full: bool = typer.Option(False, "--full", help="MPC on every layer (default: CHEETAH on 1 layer, so the run ends in minutes)."),
     mpc_layers: Optional[int] = typer.Option(None, "--mpc-layers", min=1, help="Layers for both MPC protocols (overrides the default and --full)."),
     repeats: int = typer.Option(5, "--repeats", min=1, help="Timed runs of plaintext and STIP (alternating)."),
     batch: int = typer.Option(1, "--batch", min=1, help="Inputs per inference (images for HE: one batch in the slots)."),
     shares_limbs: int = typer.Option(2, "--shares-limbs", min=2, max=3, help="stip share-server --limbs: 2 (default) or 3, exact mod 2^64 at 1.5× the servers' work."),
+    shares_rounds: int = typer.Option(2, "--shares-rounds", min=2, max=4, help="Shares mode's schedule: 2 round trips per layer (default) or 4."),
     readme: Optional[Path] = typer.Option(None, "--readme", metavar="FILE", help="Also put the table into FILE between `<!-- stip bench: NAME -->` markers."),
     as_json: bool = typer.Option(False, "--json", help="Print results.json's object on stdout."),
 ) -> None:
@@ -39,7 +40,7 @@ def bench(
     try:
         settings = Settings(model=model, out=out_dir, tokens=tokens, modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
                             network=network, full=full, repeats=repeats, batch=batch, mpc_layers=mpc_layers,
-                            shares_limbs=shares_limbs)
+                            shares_limbs=shares_limbs, shares_rounds=shares_rounds)
     except ValueError as e:
         fail(str(e))
     t0 = time.perf_counter()
