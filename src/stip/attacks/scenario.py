@@ -318,12 +318,13 @@ def frequency(sealed: str | Path, public: str | Path, requests=(10, 100, 1000), 
         **{f"requests{k}": v for k, v in curve.items()}})
 
 
-def shares(public: str | Path, texts=TEXTS, layers=(1, 2), requests: int = 100, proposals: int = 64, log=lambda _msg: None) -> Result:
-    """The attack suite against shares mode (`stip.attacks.shares.suite`): recovery rate is the
-    best any attack reaches on either server's view."""
+def shares(public: str | Path, texts=TEXTS, layers=(1, 2), requests: int = 100, proposals: int = 64, log=lambda _msg: None,
+           rounds: int = 2) -> Result:
+    """The attack suite against shares mode (`stip.attacks.shares.suite`) on P3's ``rounds``
+    per layer schedule: recovery rate is the best any attack reaches on either server's view."""
     from . import shares as shares_
 
-    r = shares_.suite(public, texts, layers, requests, proposals, log=log)
+    r = shares_.suite(public, texts, layers, requests, proposals, log=log, rounds=rounds)
     return Result(r["best_on_a_share"], r["tokens"], {"attack": "shares", **r})
 
 

@@ -26,27 +26,36 @@ ALPHA = 1e-4  # a chi-square test passes above this p-value: 9 tests on uniform 
 @dataclass
 class Views:
     """What S1 and S2 received: per request, the rows of the layer inputs the attacks read
-    (``rows[server][request][k]``: the share of the input to layer k's QKV matmul), and a
-    sample of every byte."""
+    (``rows[server][request][k]``: the share of layer k's residual as P3 sent it: on the
+    4-round schedule the normalised input of its QKV matmul; on the 2-round one, for k ≥ 1,
+    the h̃ = h∘γ of [o | h̃] in layer k's first block, γ its second norm's gain; layer 0 is
+    the input of its QKV matmul in both), and a sample of every byte."""
 
     rows: list[list[dict[int, np.ndarray]]] = field(default_factory=lambda: [[], []])
     bytes: list[list[np.ndarray]] = field(default_factory=lambda: [[], []])
     plain: list[np.ndarray] = field(default_factory=list)  # the control: S1's + S2's share, unmasked
     rounds: int = 0
+    schedule: int = 2  # rounds per layer
 
 
-def observe(model, prompts: list[list[int]], layers=(0,), new_tokens: int = 1) -> Views:
-    """Run P3 on ``prompts`` (causal models: prefill and ``new_tokens`` greedy steps) against
-    two share servers that record their view; the servers run in this process, on sockets."""
+def observe(model, prompts: list[list[int]], layers=(0,), new_tokens: int = 1, rounds: int = 2) -> Views:
+    """Run P3 on ``prompts`` (causal models: prefill and ``new_tokens`` greedy steps) on the
+    ``rounds``-per-layer schedule against two share servers that record their view; the
+    servers run in this process, on sockets."""
     from ..shares import Servers, ShareServer, SharesModel
 
-    views, kept, current = Views(), [0, 0], [{}, {}]
+    views, kept, current = Views(schedule=rounds), [0, 0], [{}, {}]
+    hidden = model.config.hidden_size
 
     def recorder(i: int):
         def see(op: str, x: np.ndarray) -> None:
             layer, _, name = op.partition(".")
-            if name == "qkv" and int(layer) in layers and int(layer) not in current[i]:
-                current[i][int(layer)] = x.copy()  # the prefill's rows (decode steps come later)
+            k = int(layer) if layer.isdigit() else -1
+            if k in layers and k not in current[i]:  # the prefill's rows (decode steps come later)
+                if name == "qkv" and (rounds == 4 or k == 0):
+                    current[i][k] = x.copy()
+                elif name == "o+up" and rounds == 2 and k > 0:
+                    current[i][k] = x[:, -hidden:].copy()
             if kept[i] < SAMPLE_BYTES:
                 views.bytes[i].append(x.copy())
                 kept[i] += x.nbytes
@@ -54,7 +63,7 @@ def observe(model, prompts: list[list[int]], layers=(0,), new_tokens: int = 1) -
 
     servers = [ShareServer.from_model(model, observe=recorder(i)) for i in range(2)]
     with servers[0].listen() as a, servers[1].listen() as b, Servers([a.address, b.address]) as conn:
-        p3 = SharesModel(model, conn)
+        p3 = SharesModel(model, conn, rounds)
         for p in prompts:
             current[0], current[1] = {}, {}
             if p3.cfg.causal:
@@ -75,7 +84,7 @@ def noise_like(views: Views) -> Views:
 
     fresh = lambda x: ring.uniform(x.size).reshape(x.shape)  # noqa: E731
     return Views([[{k: fresh(x) for k, x in req.items()} for req in server] for server in views.rows],
-                 [[fresh(x) for x in server] for server in views.bytes], [], views.rounds)
+                 [[fresh(x) for x in server] for server in views.bytes], [], views.rounds, views.schedule)
 
 
 def as_float(x: np.ndarray) -> torch.Tensor:
@@ -113,8 +122,8 @@ class _Reached(Exception):
 
 def first_inputs(public, positions, blocks=None) -> dict[int, torch.Tensor]:
     """Every token's row as the first matmul would receive it, alone at each position: what the
-    server's layer-0 rows would be in the clear (the embedding, normalised as the model does).
-    ``blocks``: ``from_hf(public)``, when the caller has it already."""
+    server's layer-0 rows would be in the clear (the embedding, normalised as the model does;
+    the same on both schedules). ``blocks``: ``from_hf(public)``, when the caller has it."""
     from ..models.blocks import embed, from_hf
     from ..shares.walk import Walk
 
@@ -162,13 +171,14 @@ def unmasked(views: Views) -> Views:
     """The positive control: S1's and S2's rows added up — the activations in fixed point, as
     a single server would see them if P3 sent them unshared."""
     rows = [{k: a[k] + b[k] for k in a} for a, b in zip(*views.rows)]
-    return Views([rows, rows], [views.plain, views.plain], [], views.rounds)
+    return Views([rows, rows], [views.plain, views.plain], [], views.rounds, views.schedule)
 
 
 def vocab_causal(views: Views, server: int, public, truth: list[list[int]], k: int, start=(), proposals: int = 64) -> dict:
     """The causal matching of a chat model (``vocab.match_causal``) on the rows the server
-    received for layer k, divided by the public gain of layer k's RMSNorm and compared free of
-    scale (the view is the normalised residual stream, at P3's per-row scale). A uniform view
+    received for layer k, divided by the public gain of the RMSNorm it went through (layer k's
+    first on the 4-round schedule, its second on the 2-round one) and compared free of scale:
+    the view is the residual stream at P3's per-row scale. A uniform view
     is never within the match tolerance, so the whole vocabulary would be searched at every
     position; the nearest of the public model's ``proposals`` likeliest next tokens is taken
     instead (that only raises the chance level)."""
@@ -177,7 +187,8 @@ def vocab_causal(views: Views, server: int, public, truth: list[list[int]], k: i
     cfg, params = from_hf(public)
     if cfg.norm != "rms" or not cfg.prenorm:
         raise ValueError("the causal attack on shares reads pre-RMSNorm decoders (LLaMA/Qwen2/Mistral)")
-    gain = torch.as_tensor(params["layers"][k]["ln1"]["g"]) if k < cfg.layers else torch.ones(cfg.hidden)
+    norm = "ln2" if views.schedule == 2 and k > 0 else "ln1"
+    gain = torch.as_tensor(params["layers"][k][norm]["g"]) if k < cfg.layers else torch.ones(cfg.hidden)
     hits = total = 0
     for req, ids in zip(views.rows[server], truth):
         m = vocab_.match_causal(as_float(req[k]) / gain, public, k, proposals=proposals, start=start, full=False,
@@ -197,12 +208,12 @@ def frequency(views: Views, server: int, public, truth: list[list[int]], referen
 
 
 def suite(public_src, texts, layers=(1, 2), requests: int = 100, proposals: int = 64, reference: int = 1000,
-          log=lambda _msg: None) -> dict:
+          log=lambda _msg: None, rounds: int = 2) -> dict:
     """Every attack on S1's view, S2's view, fresh noise (the control at chance) and the
     unmasked activations (the control that shows the attack reads the view right), plus the
     uniformity of every byte each server received. Chat models get the causal matching after
     each of ``layers`` and frequency analysis over ``requests`` chat requests (real sentences,
-    prompts only: `scenario.chat_prompts`)."""
+    prompts only: `scenario.chat_prompts`). ``rounds``: P3's schedule, 2 or 4 per layer."""
     from ..models.source import load_source
     from .scenario import _causal, chat_prompts, prompt_ids
 
@@ -213,9 +224,9 @@ def suite(public_src, texts, layers=(1, 2), requests: int = 100, proposals: int 
     causal = _causal(public)
     ids = [prompt_ids(tok, t)[0] for t in texts]
     log(f"P3 sends {len(ids)} prompts through two recording share servers")
-    views = observe(public, ids, layers=(0, *layers) if causal else (0,))
+    views = observe(public, ids, layers=(0, *layers) if causal else (0,), rounds=rounds)
     controls = {"s1": (views, 0), "s2": (views, 1), "noise": (noise_like(views), 0), "unmasked": (unmasked(views), 0)}
-    out = {"tokens": sum(map(len, ids)), "rounds": views.rounds}
+    out = {"tokens": sum(map(len, ids)), "rounds": views.rounds, "schedule": rounds}
     for name, chunks in (("s1", views.bytes[0]), ("s2", views.bytes[1]), ("unmasked", views.plain)):
         u = uniformity(chunks)
         out[f"uniform.{name}"], out[f"uniform.{name}.p"], out[f"uniform.{name}.p_min_position"] = u["passed"], u["p"], u["p_min_position"]
@@ -230,7 +241,7 @@ def suite(public_src, texts, layers=(1, 2), requests: int = 100, proposals: int 
     if causal and requests:
         chats = [p for p, _ in chat_prompts(tok, 0, requests)]
         log(f"{requests} chat requests for frequency analysis")
-        fv = observe(public, chats, layers=(0,))
+        fv = observe(public, chats, layers=(0,), rounds=rounds)
         ref = [p for p, _ in chat_prompts(tok, requests, reference)]
         for name, (v, s) in {"s1": (fv, 0), "s2": (fv, 1), "noise": (noise_like(fv), 0), "unmasked": (unmasked(fv), 0)}.items():
             log(f"frequency analysis: {name}")

@@ -102,6 +102,7 @@ def attack_shares(public: Path = _PUBLIC, texts: Optional[list[str]] = _TEXTS,
                   layers: str = typer.Option("1,2", "--layers", help="Chat models: comma-separated depths for the causal matching ('' for none)."),
                   requests: int = typer.Option(100, "--requests", min=0, help="Chat models: requests logged for frequency analysis (0: none)."),
                   proposals: int = typer.Option(64, "--proposals", min=1, help="Causal matching: the public model's N likeliest next tokens are the candidates."),
+                  rounds: int = typer.Option(2, "--rounds", min=2, max=4, help="P3's schedule: 2 round trips per layer (the servers see [o | h] residuals) or 4 (normalised matmul inputs)."),
                   as_json: bool = _JSON) -> None:
     """The attack suite against shares mode, from one share server's side: P3 runs the public
     model with two recording share servers; vocabulary matching at the input, the causal
@@ -112,5 +113,7 @@ def attack_shares(public: Path = _PUBLIC, texts: Optional[list[str]] = _TEXTS,
         depths = tuple(int(k) for k in layers.split(",") if k.strip())
     except ValueError:
         fail(f"--layers takes comma-separated integers, not {layers!r}")
+    if rounds not in (2, 4):
+        fail("--rounds takes 2 or 4 (round trips per layer)")
     _attack("shares", as_json, public=public, texts=texts, layers=depths, requests=requests, proposals=proposals,
-            log=lambda msg: err.print(msg))
+            log=lambda msg: err.print(msg), rounds=rounds)
