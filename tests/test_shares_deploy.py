@@ -203,13 +203,15 @@ def _chat(p3: SharesModel, text: str) -> list[int]:
 
 @pytest.mark.slow
 def test_kill_9_of_s2_mid_generation_then_a_restart_loses_no_token(smollm2_shares, certs):
-    """The same tokens as an uninterrupted run, over TLS with pins (that run's equality to
-    plaintext transformers is test_shares')."""
+    """The same tokens as plaintext greedy (an uninterrupted shares run gives those:
+    test_shares), over TLS with pins."""
+    from stip.models.hf import greedy
+
     path, s1, s2 = smollm2_shares
     with Servers([s1.address, s2.address], trust=_pins(certs, "s1", "s2")) as conn:
         p3 = SharesModel(path, conn)
         prompt = _chat(p3, "What is the capital of France?")
-        ref = p3.generate(prompt, 10).token_ids
+        ref = greedy(p3.hf, [prompt], 10)[0]
         restart = threading.Timer(1.0, s2.start)  # back on the same port a second later
 
         def on_token(t):
