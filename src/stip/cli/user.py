@@ -252,7 +252,7 @@ def generate(
     if shares is not None:
         t = (temperature if temperature is not None else 1.0) if sampling else 0.0  # 0: greedy
         _generate_shares(client_dir, prompt_in, shares, read_token(token_file), max_new_tokens, t,
-                         top_p if top_p is not None else 1.0, seed, as_json, pin, ca, insecure)
+                         top_p if top_p is not None else 1.0, seed, as_json, pin, ca, insecure, rounds)
         return
     c = _client(client_dir, server, token_file, pin, ca, insecure)
     with c:
@@ -274,7 +274,7 @@ def generate(
         err.print(f"{len(r.token_ids)} tokens, {s.requests} round trips, {s.bytes_up} B up, {s.bytes_down} B down")
 
 
-def _generate_shares(src, prompt, shares, token, max_new_tokens, temperature, top_p, seed, as_json, pin, ca, insecure) -> None:
+def _generate_shares(src, prompt, shares, token, max_new_tokens, temperature, top_p, seed, as_json, pin, ca, insecure, rounds=2) -> None:
     import json
 
     from ..shares import SharesError, one_thread

@@ -186,13 +186,13 @@ class Walk:
         qkv = self._linear("0.qkv", self._norm(h, self.layers[0]["ln1"]) if cfg.prenorm else h)
         for i, p in enumerate(self.layers):
             o = self._attend(i, qkv + torch.cat([p["bq"], p["bk"], p["bv"]]), p, bias, rotation, cache)
-            up = p["ln2"] if cfg.prenorm else p["ln1"]
+            up = _norm_before_up(cfg, p)
             a, z = _split(self._linear(f"{i}.o+up", torch.cat([o, self._tilde(h, up)], -1)), hidden)
             s = h + a + p["bo"]
             m = self._activate(self._scaled(f"{i}.o+up", s, z), p)
             h = s if cfg.prenorm else self._norm(s, up)
             if i + 1 < n:
-                nxt = self.layers[i + 1]["ln1"] if cfg.prenorm else p["ln2"]
+                nxt = _norm_before_qkv(cfg, self.layers, i)
                 d, z = _split(self._linear(f"{i}.down+qkv", torch.cat([m, self._tilde(h, nxt)], -1)), hidden)
                 t = h + d + p["b2"]
                 qkv = self._scaled(f"{i}.down+qkv", t, z)
