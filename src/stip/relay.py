@@ -292,8 +292,9 @@ class Relay:
 
 @contextlib.contextmanager
 def emulated(target: str, rtt: float, bandwidth: float | None = None, timeout: float = 30.0) -> Iterator[str]:
-    """A relay to ``target`` ("HOST:PORT", or tcp:// or tls:// before it) as its own process, for measurements: its threads
-    then never wait on this process's GIL. Yields the address to connect to instead."""
+    """A relay to ``target`` ("HOST:PORT", tcp:// or tls:// allowed) as its own process, for
+    measurements: its threads then never wait on this process's GIL. Yields the address to
+    connect to instead."""
     cmd = [sys.executable, "-m", "stip.relay", target, "--rtt", repr(rtt)] + (["--bandwidth", repr(bandwidth)] if bandwidth else [])
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
