@@ -205,21 +205,17 @@ def _shares(subject, s: Settings, reference, progress) -> list[Row]:
     rows, profile = [], netem.PROFILES.get(s.network)
     for prepared, mode, threads in ((False, "shares", 1), (True, "shares-prepared", None)):
         progress(f"{mode}: starting two share servers ({threads or 'all'} BLAS thread(s) each) …")
-        times, far = [], []
+        timed, last = {False: [], True: []}, None
         with subject.shares(threads, s.shares_limbs, s.shares_rounds, profile) as run:
-            last = run(prepared)  # warm-up
-            for r in range(s.repeats):
-                progress(f"{mode}, round {r + 1}/{s.repeats}")
-                t0 = time.perf_counter()
-                last = run(prepared)
-                times.append(time.perf_counter() - t0 - last[3])  # online only
-            if profile is not None:
-                run(prepared, far=True)  # warm-up
+            for far in (False, True) if profile is not None else (False,):
+                run(prepared, far=far)  # warm-up
                 for r in range(s.repeats):
-                    progress(f"{mode} through the emulated {s.network}, round {r + 1}/{s.repeats}")
+                    progress(f"{mode}{f' through the emulated {s.network}' if far else ''}, round {r + 1}/{s.repeats}")
                     t0 = time.perf_counter()
-                    far_run = run(prepared, far=True)
-                    far.append(time.perf_counter() - t0 - far_run[3])
+                    got = run(prepared, far=far)
+                    timed[far].append(time.perf_counter() - t0 - got[3])  # online only
+                    last = got if not far else last
+        times = timed[False]
         out, st, off, off_s = last
         err, top1 = compare(out, reference)
         seconds = statistics.median(times)
@@ -234,7 +230,7 @@ def _shares(subject, s: Settings, reference, progress) -> list[Row]:
         else:
             note += " (S2's are the same)"
         rows.append(Row(mode, subject.layers, s.repeats, seconds, st.bytes_up[server], st.bytes_down[server], st.rounds, err,
-                        top1, network_measured_s=statistics.median(far) if far else None, notes=[note]))  # fmt: skip
+                        top1, network_measured_s=statistics.median(timed[True]) if timed[True] else None, notes=[note]))  # fmt: skip
     return rows
 
 

@@ -209,11 +209,12 @@ class Walk:
     def _scaled(self, name: str, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """norm(s)·W from z = (s − carry)·W̃, the servers' block product: r(s)·(z + carry·W̃) + β·W."""
         carry, beta = self.consts[name]
-        if self.cfg.norm == "rms":
-            r = torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + self.cfg.eps)
-        else:
-            r = torch.rsqrt(s.var(-1, unbiased=False, keepdim=True) + self.cfg.eps)
-        return r * (z + carry) + beta
+        return self._r(s) * (z + carry) + beta
+
+    def _r(self, x: torch.Tensor) -> torch.Tensor:
+        """The norm's per-row scale r(x)."""
+        spread = x.pow(2).mean(-1, keepdim=True) if self.cfg.norm == "rms" else x.var(-1, unbiased=False, keepdim=True)
+        return torch.rsqrt(spread + self.cfg.eps)
 
     def _linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -221,7 +222,7 @@ class Walk:
 
     def _norm(self, x: torch.Tensor, p: dict) -> torch.Tensor:
         if self.cfg.norm == "rms":
-            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.cfg.eps) * p["g"]
+            return x * self._r(x) * p["g"]
         return torch.nn.functional.layer_norm(x, x.shape[-1:], p["g"], p["b"], self.cfg.eps)
 
     def _attention(self, i: int, x, p, bias, rotation, cache: Cache | None) -> torch.Tensor:
