@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from stip.models import mpcvit
+from stip.mpc import mpcvit
 from stip.mpc import netem
 from stip.mpc.runner import simulate
 

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from stip.models import data, mpcvit
-from stip.models.mpcvit import Recipe, binarize, to_mpc, train_mpcvit
+from stip.models import data
+from stip.mpc import mpcvit
+from stip.mpc.mpcvit import Recipe, binarize, to_mpc, train_mpcvit
 from stip.mpc.model import forward
 from stip.mpc.parties import config_from_json, config_to_json
 from stip.mpc.runner import simulate

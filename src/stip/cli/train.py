@@ -57,8 +57,8 @@ def train_mpcvit(
     import json
 
     from ..models.data import DatasetMissing
-    from ..models.mpcvit import Recipe
-    from ..models.mpcvit import train_mpcvit as run
+    from ..mpc.mpcvit import Recipe
+    from ..mpc.mpcvit import train_mpcvit as run
     from ..models.train import RunMismatch
 
     recipe = Recipe(dataset=dataset, data_dir=str(data_dir) if data_dir else None, preset=preset, linear_gelu=linear_gelu,

@@ -38,7 +38,7 @@ def inputs_for(model, tokens: int, seed: int) -> np.ndarray:
 
 def run(job: Job, model=None) -> tuple[CostReport, dict]:
     """Returns the report and extras (network applied, analytic estimates)."""
-    from ..models import mpcvit
+    from . import mpcvit
 
     if model is None and mpcvit.is_checkpoint(job.model):
         model = mpcvit.load(job.model)[0]

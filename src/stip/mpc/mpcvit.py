@@ -273,7 +273,7 @@ def _np(t) -> np.ndarray:
 @torch.no_grad()
 def to_mpc(model: MPCViT):
     """(stip.mpc.model.Config, params) running this model's heads as they are under SPU."""
-    from ..mpc.model import Config
+    from .model import Config
 
     if model.searching():
         raise ValueError("binarize the model before export: search mode mixes two kinds per unit")
@@ -315,7 +315,7 @@ def embed(model: MPCViT, images: torch.Tensor) -> np.ndarray:
 
 def save(model: MPCViT, path, extra: dict | None = None) -> None:
     """safetensors weights (buffers included: the head kinds) + the config in its metadata."""
-    from . import checkpoint
+    from ..models import checkpoint
 
     state = {k: v for k, v in model.state_dict().items() if not k.endswith(("alpha", "beta"))}
     checkpoint.save(state, path, KIND, model.cfg.to_json(), extra)
@@ -323,14 +323,14 @@ def save(model: MPCViT, path, extra: dict | None = None) -> None:
 
 def is_checkpoint(path) -> bool:
     """True for a file (or a `stip train mpcvit` folder's model) that ``load`` reads."""
-    from . import checkpoint
+    from ..models import checkpoint
 
     return checkpoint.info(path, KIND) is not None
 
 
 def load(path) -> tuple[MPCViT, dict]:
     """Reads a file written by ``save``, or the final model of a `stip train mpcvit` folder."""
-    from . import checkpoint
+    from ..models import checkpoint
 
     state, info = checkpoint.load(path, KIND, "an MPCViT checkpoint", "train one with `stip train mpcvit OUT`")
     model = MPCViT(ViTConfig(**info.pop("config")))
@@ -376,7 +376,7 @@ def unit_latency(cfg: ViTConfig, granularity: str, measured: dict | None) -> dic
     granularity covers the same work, so the normalised weight is 1 — MPCViT's plain L1."""
     if measured is None:
         return {}
-    from ..mpc import netem
+    from . import netem
 
     lan = netem.PROFILES["lan"]
     est = {k: netem.estimate(v["seconds"], [v["bytes"]], v["send_actions"], lan) for k, v in measured.items()}
@@ -392,8 +392,8 @@ def train_mpcvit(recipe: Recipe, out, tick=None, force: bool = False) -> dict:
     import json
     from pathlib import Path
 
-    from . import data
-    from .train import Schedule, accuracy, cross_entropy, fit, open_run, settings_of
+    from ..models import data
+    from ..models.train import Schedule, accuracy, cross_entropy, fit, open_run, settings_of
 
     out = Path(out)
     if recipe.granularity not in GRANULARITIES:
@@ -419,7 +419,7 @@ def train_mpcvit(recipe: Recipe, out, tick=None, force: bool = False) -> dict:
     measured = None
     if recipe.latency_weights == "measured":
         if not costs_file.exists():
-            from ..mpc.runner import head_costs
+            from .runner import head_costs
 
             if tick is not None:
                 tick("spu head costs", 0, 1, "measuring one head of each kind under SEMI2K")
