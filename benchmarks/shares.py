@@ -354,12 +354,17 @@ def main() -> int:
     result = {"command": "python benchmarks/shares.py " + " ".join(sys.argv[1:]), "machine": report.machine(), "bench": bench,
               "bench_3_limbs": bench3, "minilm": minilm, "smollm2": llm, "networks": cells, "p3": alone,
               "seconds": time.perf_counter() - t0}  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(result, indent=2))
-    (args.out / "report.md").write_text(markdown(result))
-    print(markdown(result))
-    print(f"wrote {args.out}/results.json and report.md")
+    write(args.out, result, markdown)
     return 0
+
+
+def write(out: Path, result: dict, render) -> None:
+    """DIR/results.json and DIR/report.md (``render(result)``), and the report on stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    (out / "report.md").write_text(render(result))
+    print(render(result))
+    print(f"wrote {out}/results.json and report.md")
 
 
 if __name__ == "__main__":

@@ -68,15 +68,18 @@ def run_sealed(sealed: Sealed, case: Case) -> dict:
     return client.unpermute_outputs(out)
 
 
-def run_shares(case: Case, rounds: int = 2) -> dict:
+def run_shares(case: Case, rounds: int = 2, base: torch.nn.Module | None = None, adapter=None) -> dict:
     """Shares mode: two share servers (threads, real sockets) do the weight matmuls on
     additive shares; P3 walks the model on the ``rounds``-per-layer schedule. The servers cut
-    shares into 2 and 3 limbs: each may choose its own."""
+    shares into 2 and 3 limbs: each may choose its own. With an ``adapter`` (a PEFT folder),
+    the servers and P3 hold ``base`` and P3 applies the adapter: ``case.model`` is then the
+    merged model, the reference."""
     from stip.shares import Servers, ShareServer, SharesModel
 
-    s1, s2 = ShareServer.from_model(case.model, limbs=2), ShareServer.from_model(case.model, limbs=3)
+    model = case.model if base is None else base
+    s1, s2 = ShareServer.from_model(model, limbs=2), ShareServer.from_model(model, limbs=3)
     with s1.listen() as a, s2.listen() as b, Servers([a.address, b.address]) as servers:
-        return SharesModel(case.model, servers, rounds).forward(case.inputs["input_ids"], case.inputs["attention_mask"])
+        return SharesModel(model, servers, rounds, adapter).forward(case.inputs["input_ids"], case.inputs["attention_mask"])
 
 
 def run_shares_4(case: Case) -> dict:

@@ -353,6 +353,45 @@ def test_smollm2_greedy_is_identical_and_logits_within_1e_3(smollm2_servers, smo
 
 
 @pytest.mark.slow
+def test_smollm2_with_an_adapter_trained_here_equals_peft_merged(smollm2_servers, smollm2_plain, certs, tmp_path):
+    """A real LoRA, short (`stip train lora`: 8 steps; the benchmark trains 300), on P3 alone:
+    greedy and logits equal PEFT's merged model on both schedules, the adapter changes the
+    base's answer, and `stip generate --adapter` gives the same tokens."""
+    import copy
+
+    from stip.models import lora
+
+    path, a, b = smollm2_servers
+    adapter = tmp_path / "adapter"
+    r = subprocess.run([sys.executable, "-m", "stip.cli", "train", "lora", str(adapter), "--model", str(path), "--steps", "8",
+                        "--rank", "8", "--lr", "3e-3", "--length", "64", "--eval-windows", "2", "--json"],
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    held_out = json.loads(r.stdout)["held_out"]
+    assert held_out["perplexity_adapted"] < held_out["perplexity_base"], held_out
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    merged = lora.merge(copy.deepcopy(smollm2_plain), adapter)
+    changed = 0
+    with Servers([a, b], trust=_trust(certs)) as conn:
+        for rounds, text in ((2, "What is the capital of France?"), (4, "Name three primary colours.")):
+            p3 = SharesModel(path, conn, rounds, adapter)
+            prompt = _chat(p3.tokenizer, text)
+            g = p3.generate(prompt, 12, keep_logits=True, min_tokens=12)
+            with torch.no_grad():
+                ref = merged(input_ids=torch.tensor([prompt + g.token_ids])).logits[0, len(prompt) - 1 : -1]
+                base = smollm2_plain(input_ids=torch.tensor([prompt + g.token_ids])).logits[0, len(prompt) - 1 : -1]
+            assert float((torch.stack(g.logits) - ref).abs().max()) <= 1e-3, rounds
+            assert g.token_ids == ref.argmax(-1).tolist(), rounds
+            changed += int((base.argmax(-1) != ref.argmax(-1)).sum())
+    assert changed >= 1, "the adapter changed no greedy token: this test would prove nothing"
+    ids = ",".join(map(str, prompt))
+    r = subprocess.run([sys.executable, "-m", "stip.cli", "generate", str(path), "--ids", ids, "--shares", f"{a},{b}", "--pin", _pins(certs),
+                        "--adapter", str(adapter), "--max-new-tokens", "4", "--json"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["token_ids"] == g.token_ids[:4] and "applied here" in r.stderr
+
+
+@pytest.mark.slow
 def test_openai_client_through_stip_proxy_in_shares_mode(smollm2_servers, smollm2_plain, certs):
     """The official client, unchanged, through the proxy; the proxy's links to S1 and S2 are TLS, pinned."""
     from stip.models.hf import greedy

@@ -319,12 +319,13 @@ def frequency(sealed: str | Path, public: str | Path, requests=(10, 100, 1000), 
 
 
 def shares(public: str | Path, texts=TEXTS, layers=(1, 2), requests: int = 100, proposals: int = 64, log=lambda _msg: None,
-           rounds: int = 2) -> Result:
+           rounds: int = 2, adapter=None) -> Result:
     """The attack suite against shares mode (`stip.attacks.shares.suite`) on P3's ``rounds``
-    per layer schedule: recovery rate is the best any attack reaches on either server's view."""
+    per layer schedule, with P3 applying ``adapter`` (a PEFT LoRA folder) if given: recovery
+    rate is the best any attack reaches on either server's view."""
     from . import shares as shares_
 
-    r = shares_.suite(public, texts, layers, requests, proposals, log=log, rounds=rounds)
+    r = shares_.suite(public, texts, layers, requests, proposals, log=log, rounds=rounds, adapter=adapter)
     return Result(r["best_on_a_share"], r["tokens"], {"attack": "shares", **r})
 
 

@@ -38,10 +38,10 @@ class Views:
     schedule: int = 2  # rounds per layer
 
 
-def observe(model, prompts: list[list[int]], layers=(0,), new_tokens: int = 1, rounds: int = 2) -> Views:
+def observe(model, prompts: list[list[int]], layers=(0,), new_tokens: int = 1, rounds: int = 2, adapter=None) -> Views:
     """Run P3 on ``prompts`` (causal models: prefill and ``new_tokens`` greedy steps) on the
     ``rounds``-per-layer schedule against two share servers that record their view; the
-    servers run in this process, on sockets."""
+    servers run in this process, on sockets. ``adapter``: a PEFT LoRA folder P3 applies."""
     from ..shares import Servers, ShareServer, SharesModel
 
     views, kept, current = Views(schedule=rounds), [0, 0], [{}, {}]
@@ -63,7 +63,7 @@ def observe(model, prompts: list[list[int]], layers=(0,), new_tokens: int = 1, r
 
     servers = [ShareServer.from_model(model, observe=recorder(i)) for i in range(2)]
     with servers[0].listen() as a, servers[1].listen() as b, Servers([a.address, b.address]) as conn:
-        p3 = SharesModel(model, conn, rounds)
+        p3 = SharesModel(model, conn, rounds, adapter)
         for p in prompts:
             current[0], current[1] = {}, {}
             if p3.cfg.causal:
@@ -208,12 +208,13 @@ def frequency(views: Views, server: int, public, truth: list[list[int]], referen
 
 
 def suite(public_src, texts, layers=(1, 2), requests: int = 100, proposals: int = 64, reference: int = 1000,
-          log=lambda _msg: None, rounds: int = 2) -> dict:
+          log=lambda _msg: None, rounds: int = 2, adapter=None) -> dict:
     """Every attack on S1's view, S2's view, fresh noise (the control at chance) and the
     unmasked activations (the control that shows the attack reads the view right), plus the
     uniformity of every byte each server received. Chat models get the causal matching after
     each of ``layers`` and frequency analysis over ``requests`` chat requests (real sentences,
-    prompts only: `scenario.chat_prompts`). ``rounds``: P3's schedule, 2 or 4 per layer."""
+    prompts only: `scenario.chat_prompts`). ``rounds``: P3's schedule, 2 or 4 per layer;
+    ``adapter``: a PEFT LoRA folder P3 applies (the servers hold the base either way)."""
     from ..models.source import load_source
     from .scenario import _causal, chat_prompts, prompt_ids
 
@@ -224,9 +225,9 @@ def suite(public_src, texts, layers=(1, 2), requests: int = 100, proposals: int 
     causal = _causal(public)
     ids = [prompt_ids(tok, t)[0] for t in texts]
     log(f"P3 sends {len(ids)} prompts through two recording share servers")
-    views = observe(public, ids, layers=(0, *layers) if causal else (0,), rounds=rounds)
+    views = observe(public, ids, layers=(0, *layers) if causal else (0,), rounds=rounds, adapter=adapter)
     controls = {"s1": (views, 0), "s2": (views, 1), "noise": (noise_like(views), 0), "unmasked": (unmasked(views), 0)}
-    out = {"tokens": sum(map(len, ids)), "rounds": views.rounds, "schedule": rounds}
+    out = {"tokens": sum(map(len, ids)), "rounds": views.rounds, "schedule": rounds, "adapter": str(adapter) if adapter else None}
     for name, chunks in (("s1", views.bytes[0]), ("s2", views.bytes[1]), ("unmasked", views.plain)):
         u = uniformity(chunks)
         out[f"uniform.{name}"], out[f"uniform.{name}.p"], out[f"uniform.{name}.p_min_position"] = u["passed"], u["p"], u["p_min_position"]
@@ -241,7 +242,7 @@ def suite(public_src, texts, layers=(1, 2), requests: int = 100, proposals: int 
     if causal and requests:
         chats = [p for p, _ in chat_prompts(tok, 0, requests)]
         log(f"{requests} chat requests for frequency analysis")
-        fv = observe(public, chats, layers=(0,), rounds=rounds)
+        fv = observe(public, chats, layers=(0,), rounds=rounds, adapter=adapter)
         ref = [p for p, _ in chat_prompts(tok, requests, reference)]
         for name, (v, s) in {"s1": (fv, 0), "s2": (fv, 1), "noise": (noise_like(fv), 0), "unmasked": (unmasked(fv), 0)}.items():
             log(f"frequency analysis: {name}")

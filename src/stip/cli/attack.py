@@ -103,6 +103,7 @@ def attack_shares(public: Path = _PUBLIC, texts: Optional[list[str]] = _TEXTS,
                   requests: int = typer.Option(100, "--requests", min=0, help="Chat models: requests logged for frequency analysis (0: none)."),
                   proposals: int = typer.Option(64, "--proposals", min=1, help="Causal matching: the public model's N likeliest next tokens are the candidates."),
                   rounds: int = typer.Option(2, "--rounds", min=2, max=4, help="P3's schedule: 2 round trips per layer (the servers see [o | h] residuals) or 4 (normalised matmul inputs)."),
+                  adapter: Optional[Path] = typer.Option(None, "--adapter", metavar="DIR", help="A PEFT LoRA folder P3 applies (stip train lora): the servers' view with a private fine-tune in use."),
                   as_json: bool = _JSON) -> None:
     """The attack suite against shares mode, from one share server's side: P3 runs the public
     model with two recording share servers; vocabulary matching at the input, the causal
@@ -115,5 +116,7 @@ def attack_shares(public: Path = _PUBLIC, texts: Optional[list[str]] = _TEXTS,
         fail(f"--layers takes comma-separated integers, not {layers!r}")
     if rounds not in (2, 4):
         fail("--rounds takes 2 or 4 (round trips per layer)")
+    if adapter is not None and not adapter.is_dir():
+        fail(f"--adapter {adapter} is not a folder")
     _attack("shares", as_json, public=public, texts=texts, layers=depths, requests=requests, proposals=proposals,
-            log=lambda msg: err.print(msg), rounds=rounds)
+            log=lambda msg: err.print(msg), rounds=rounds, adapter=adapter)

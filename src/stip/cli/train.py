@@ -1,4 +1,4 @@
-"""Training the baselines' MPC- and HE-friendly models."""
+"""Training the baselines' MPC- and HE-friendly models, and a LoRA adapter for shares mode."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from typing import Optional
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from . import app, err, fail, out
+from . import app, embedded, err, fail, out
 
 
-train_app = typer.Typer(no_args_is_help=True, help="Train the baselines' MPC- and HE-friendly models.")
+train_app = typer.Typer(no_args_is_help=True, help="Train the baselines' MPC- and HE-friendly models, and LoRA adapters for shares mode.")
 app.add_typer(train_app, name="train")
 
 
@@ -147,3 +147,54 @@ def train_polyformer(
         t.add_row(label, f"{summary[key]['valid']:,.1f}", f"{summary[key]['test']:,.1f}")
     out.print(t)
     out.print(f"model: {out_dir / 'model.safetensors'}   twin: {out_dir / 'twin.safetensors'}   (stip he run --model {out_dir})", highlight=False)
+
+
+@train_app.command("lora")
+def train_lora(
+    out_dir: Path = typer.Argument(..., metavar="OUT", help="The adapter folder to write (adapter_config.json, adapter_model.safetensors, summary.json). Re-run to resume."),
+    base: Path = typer.Option(Path("smollm2"), "--model", metavar="SRC", help="The public base: a local HF causal LM folder, or smollm2 (the embedded chat model)."),
+    steps: int = typer.Option(300, "--steps", min=1),
+    rank: int = typer.Option(16, "--rank", min=1, help="LoRA rank r."),
+    alpha: int = typer.Option(32, "--alpha", min=1, help="lora_alpha: the update is scaled by alpha / r."),
+    lr: float = typer.Option(5e-4, "--lr", help="AdamW's peak learning rate (cosine schedule)."),
+    batch: int = typer.Option(4, "--batch", min=1, help="Windows a step."),
+    length: int = typer.Option(128, "--length", min=8, help="Tokens a window."),
+    eval_windows: int = typer.Option(64, "--eval-windows", min=1, help="Held-out windows (test split) for perplexity."),
+    seed: int = typer.Option(0, "--seed"),
+    force: bool = typer.Option(False, "--force", help="Start over in an OUT that holds a run with other settings."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+) -> None:
+    """Fine-tune a LoRA adapter (PEFT) on all seven projections of a LLaMA-family model, on
+    CPython's own docs, on CPU. It checkpoints every 25 steps; running the same command again
+    resumes. Reports held-out perplexity before and after. Use it with `stip generate|proxy
+    SRC --shares S1,S2 --adapter OUT`: the share servers never see it."""
+    import json
+
+    from ..models import lora
+    from ..models.train import RunMismatch
+
+    src = embedded(base)
+    if not (Path(src) / "config.json").is_file():
+        fail(f"{src} is not a local Hugging Face model folder (no config.json)")
+    progress = Progress(TextColumn("{task.description:<10}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err)
+    task = progress.add_task("lora", total=steps, info="")
+
+    def tick(step: int, total: int, info: str) -> None:
+        progress.update(task, completed=step, total=total, info=info)
+
+    try:
+        with progress:
+            summary = lora.train(src, out_dir, steps=steps, rank=rank, alpha=alpha, lr=lr, batch=batch, length=length,
+                                 eval_windows=eval_windows, seed=seed, force=force, tick=tick)  # fmt: skip
+    except (RunMismatch, ValueError, OSError) as e:
+        fail(str(e))
+    if as_json:
+        print(json.dumps(summary))
+        return
+    h = summary["held_out"]
+    out.print(f"LoRA r={rank} on {', '.join(summary['targets'])}: {summary['trainable_parameters']:,} parameters, {steps} steps "
+              f"in {summary['train_seconds']:.0f} s", highlight=False)
+    out.print(f"held-out perplexity ({h['windows']} × {length} tokens of the test split): base {h['perplexity_base']:.2f} → "
+              f"adapted {h['perplexity_adapted']:.2f} ({100 * h['change']:+.1f} %)", highlight=False)
+    out.print(f"adapter: {out_dir}   (stip generate smollm2 --shares S1,S2 --adapter {out_dir})", highlight=False)

@@ -16,6 +16,8 @@ ROUNDS_HELP = ("Shares mode's schedule: 2 round trips per layer (norms folded in
 PIN_HELP = "The server's certificate pin (sha256:…, as `stip tls-cert` prints it). With --shares: one per party, comma-separated in the order of --shares."
 CA_HELP = "A CA file (PEM) that signed the server's certificate (host name checked); with --shares, for both parties."
 INSECURE_HELP = "Allow plain HTTP/TCP to a non-loopback server (everything it carries in the clear)."
+ADAPTER_HELP = ("Shares mode: a PEFT LoRA adapter folder (stip train lora) that P3 applies itself; "
+                "the share servers multiply the public base and never see it.")
 
 
 @app.command()
@@ -31,6 +33,7 @@ def proxy(
     timeout: float = typer.Option(300.0, help="Seconds to wait for the engine before answering 504."),
     max_tokens_limit: Optional[int] = typer.Option(None, "--max-tokens-limit", min=1, help="Refuse requests for more new tokens than this (default: the model's context)."),
     rounds: int = typer.Option(2, "--rounds", min=2, max=4, help=ROUNDS_HELP),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", metavar="DIR", help=ADAPTER_HELP),
     prepare_tokens: int = typer.Option(0, "--prepare-tokens", min=0, help="Shares mode: keep masks for this many positions prepared with S1 in the background, so that requests mostly ask S2 alone (0: off)."),
     pin: Optional[str] = typer.Option(None, "--pin", help=PIN_HELP.replace("server's", "upstream's")),
     ca: Optional[Path] = typer.Option(None, "--ca", help=CA_HELP),
@@ -52,13 +55,15 @@ def proxy(
 
     if (upstream is None) == (shares is None):
         fail("give --upstream (token mode) or --shares (shares mode), not both")
+    if adapter is not None and shares is None:
+        fail("--adapter is for shares mode (--shares): in token mode, merge the adapter into the model before sealing")
     context = server_tls(host, tls_cert, tls_key, insecure)
     if not tls.is_loopback(host):
         err.print(f"[yellow]warning:[/] binding {host}: whoever reaches the proxy sends prompts through your key")
     token = read_token(upstream_token_file)
     try:
         if shares is not None:
-            engine = _shares_engine(client_dir, shares, token, timeout, prepare_tokens, pin, ca, insecure, rounds)
+            engine = _shares_engine(client_dir, shares, token, timeout, prepare_tokens, pin, ca, insecure, rounds, adapter)
             api = create_app(engine.local(), engine, model_name=model_name, max_tokens_limit=max_tokens_limit)
         else:
             trust = (trusts(pin, ca) or [None])[0]
@@ -76,14 +81,18 @@ def proxy(
 
 
 def _shares_model(src: Path, shares: str, token: str | None, timeout: float = 120.0,
-                  pin: str | None = None, ca: Path | None = None, insecure: bool = False, rounds: int = 2):  # fmt: skip
-    """P3's side of shares mode: the public model here, connected to both share servers,
-    each verified by its own pin (or the CA) before the hello carries the token."""
+                  pin: str | None = None, ca: Path | None = None, insecure: bool = False, rounds: int = 2,
+                  adapter: Path | None = None):  # fmt: skip
+    """P3's side of shares mode: the public model here (with its private adapter, if any),
+    connected to both share servers, each verified by its own pin (or the CA) before the
+    hello carries the token."""
     from ..shares import Servers, SharesError, SharesModel
 
     if rounds not in (2, 4):
         fail("--rounds takes 2 or 4 (round trips per layer)")
     src = embedded(src)
+    if adapter is not None and not adapter.is_dir():
+        fail(f"--adapter {adapter} is not a folder")
     addresses = [a.strip() for a in shares.split(",") if a.strip()]
     trust = trusts(pin, ca, len(addresses))
     if insecure and trust is None:
@@ -93,17 +102,24 @@ def _shares_model(src: Path, shares: str, token: str | None, timeout: float = 12
     except (ValueError, ConnectionError, SharesError) as e:
         fail(str(e))
     try:
-        return SharesModel(src, servers, rounds)
+        model = SharesModel(src, servers, rounds, adapter)
     except (OSError, ValueError, SharesError) as e:
         servers.close()
         fail(str(e))
+    if model.adapter is not None:
+        a = model.adapter
+        err.print(f"adapter {adapter}: LoRA on {', '.join(a.targets)}, {a.parameters:,} parameters, applied here (the share servers hold the base)",
+                  highlight=False)  # fmt: skip
+        if a.unused:
+            err.print(f"[yellow]note:[/] the adapter also changes {', '.join(a.unused)}, which shares mode does not compute", highlight=False)
+    return model
 
 
 def _shares_engine(src: Path, shares: str, token: str | None, timeout: float, prepare_tokens: int,
-                   pin: str | None, ca: Path | None, insecure: bool, rounds: int):  # fmt: skip
+                   pin: str | None, ca: Path | None, insecure: bool, rounds: int, adapter: Path | None = None):  # fmt: skip
     from ..shares.engine import SharesEngine
 
-    return SharesEngine(_shares_model(src, shares, token, timeout, pin, ca, insecure, rounds), prepare_tokens)
+    return SharesEngine(_shares_model(src, shares, token, timeout, pin, ca, insecure, rounds, adapter), prepare_tokens)
 
 
 def _client(client_dir: Path, server: str, token_file: Path | None, pin: str | None, ca: Path | None, insecure: bool):
@@ -148,6 +164,7 @@ def query(
     ca: Optional[Path] = typer.Option(None, "--ca", help=CA_HELP),
     insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
     rounds: int = typer.Option(2, "--rounds", min=2, max=4, help=ROUNDS_HELP),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", metavar="DIR", help=ADAPTER_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Query a sealed model as the user (P3): embed and permute locally, send, un-permute.
@@ -158,8 +175,10 @@ def query(
 
     if (server is None) == (shares is None):
         fail("give --server (STIP) or --shares (shares mode), not both")
+    if adapter is not None and shares is None:
+        fail("--adapter is for shares mode (--shares)")
     if shares is not None:
-        _query_shares(client_dir, items, shares, read_token(token_file), as_json, pin, ca, insecure, rounds)
+        _query_shares(client_dir, items, shares, read_token(token_file), as_json, pin, ca, insecure, rounds, adapter)
         return
     c = _client(client_dir, server, token_file, pin, ca, insecure)
     with c:
@@ -201,10 +220,10 @@ def _stats_line(st) -> str:
 
 
 def _query_shares(src: Path, texts: list[str], shares: str, token: str | None, as_json: bool,
-                  pin: str | None, ca: Path | None, insecure: bool, rounds: int = 2) -> None:  # fmt: skip
+                  pin: str | None, ca: Path | None, insecure: bool, rounds: int = 2, adapter: Path | None = None) -> None:  # fmt: skip
     from ..shares import SharesError, one_thread
 
-    m = _shares_model(src, shares, token, pin=pin, ca=ca, insecure=insecure, rounds=rounds)
+    m = _shares_model(src, shares, token, pin=pin, ca=ca, insecure=insecure, rounds=rounds, adapter=adapter)
     with m.servers, one_thread():
         try:
             r = m.encode(texts)
@@ -231,6 +250,7 @@ def generate(
     ca: Optional[Path] = typer.Option(None, "--ca", help=CA_HELP),
     insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
     rounds: int = typer.Option(2, "--rounds", min=2, max=4, help=ROUNDS_HELP),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", metavar="DIR", help=ADAPTER_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Generate text from a sealed causal LM as the user (P3), one round trip per token;
@@ -249,10 +269,12 @@ def generate(
         fail("--ids takes comma-separated integers")
     if (server is None) == (shares is None):
         fail("give --server (STIP) or --shares (shares mode), not both")
+    if adapter is not None and shares is None:
+        fail("--adapter is for shares mode (--shares)")
     if shares is not None:
         t = (temperature if temperature is not None else 1.0) if sampling else 0.0  # 0: greedy
         _generate_shares(client_dir, prompt_in, shares, read_token(token_file), max_new_tokens, t,
-                         top_p if top_p is not None else 1.0, seed, as_json, pin, ca, insecure, rounds)
+                         top_p if top_p is not None else 1.0, seed, as_json, pin, ca, insecure, rounds, adapter)
         return
     c = _client(client_dir, server, token_file, pin, ca, insecure)
     with c:
@@ -274,12 +296,13 @@ def generate(
         err.print(f"{len(r.token_ids)} tokens, {s.requests} round trips, {s.bytes_up} B up, {s.bytes_down} B down")
 
 
-def _generate_shares(src, prompt, shares, token, max_new_tokens, temperature, top_p, seed, as_json, pin, ca, insecure, rounds=2) -> None:
+def _generate_shares(src, prompt, shares, token, max_new_tokens, temperature, top_p, seed, as_json, pin, ca, insecure, rounds=2,
+                     adapter=None) -> None:  # fmt: skip
     import json
 
     from ..shares import SharesError, one_thread
 
-    m = _shares_model(src, shares, token, pin=pin, ca=ca, insecure=insecure, rounds=rounds)
+    m = _shares_model(src, shares, token, pin=pin, ca=ca, insecure=insecure, rounds=rounds, adapter=adapter)
     with m.servers, one_thread():
         try:
             ids = prompt if isinstance(prompt, list) else m.tokenizer(prompt)["input_ids"]

@@ -1,7 +1,7 @@
 """P3 in shares mode: the public model here, its weight matmuls at two share servers.
 
     with Servers(["127.0.0.1:7001", "127.0.0.1:7002"]) as servers:
-        model = SharesModel("smollm2", servers)
+        model = SharesModel("smollm2", servers)          # adapter="my-lora": a private fine-tune, on P3
         model.generate(ids, 32).token_ids                # greedy, P3's KV cache
         model.encode(["a sentence"]).embedding           # encoders: mean-pooled, L2-normalised
         servers.stats                                    # rounds, bytes per server, time waiting
@@ -367,8 +367,11 @@ class SharesModel:
     the same weights, and walks it with ``servers`` doing the weight matmuls, on the 2-round
     schedule (norms folded into block weights) or the 4-round one (``rounds=4``)."""
 
-    def __init__(self, src, servers: Servers, rounds: int = 2):
-        """``src``: a local HF folder, or an already loaded `transformers` model."""
+    def __init__(self, src, servers: Servers, rounds: int = 2, adapter=None):
+        """``src``: a local HF folder, or an already loaded `transformers` model. ``adapter``:
+        a PEFT LoRA folder (or a loaded `lora.Adapter`) that P3 applies itself; the servers
+        multiply the public base only, and receive the same ops and shapes as without it."""
+        from ..models import lora
         from ..models.blocks import from_hf
 
         loaded = not isinstance(src, (str, Path))
@@ -376,7 +379,8 @@ class SharesModel:
         self.hf = src.eval() if loaded else load_source(src)
         self.config = self.hf.config
         self.cfg, params = from_hf(self.hf)
-        self.walk = Walk(self.cfg, params, servers.matmul, rounds)
+        self.adapter = lora.load(self.hf, adapter) if isinstance(adapter, (str, Path)) else adapter
+        self.walk = Walk(self.cfg, params, servers.matmul, rounds, self.adapter)
         self.rounds = rounds
         missing = [op for op in self.walk.ops() if op not in servers.ops]
         if missing:

@@ -24,11 +24,16 @@ the row's fixed-point scale). Layer 0's QKV, the last layer's down projection an
 are the plain ops. A head merged into the last round would multiply a 49k-wide head by W_down
 (measured for SmolLM2: 119 ms against 27 ms a row, 830 MB against 226 MB), more than the one
 round it saves.
+
+A private LoRA adapter (``adapter``, `models.lora`) stays here: P3 adds x·A·B itself beside
+each adapted base product, on either schedule with no extra round (``_adapted``), and the
+servers' ops and shapes stay the base's.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -36,6 +41,7 @@ import numpy as np
 import torch
 
 from ..models.blocks import Config
+from ..models.lora import Adapter
 
 Matmul = Callable[[str, torch.Tensor], torch.Tensor]  # (name, x (rows, in)) → x·W (rows, out)
 SCHEDULES = (4, 2)  # rounds per layer
@@ -120,11 +126,13 @@ class Cache:
 
 
 class Walk:
-    def __init__(self, cfg: Config, params: dict, matmul: Matmul, rounds: int = 2):
+    def __init__(self, cfg: Config, params: dict, matmul: Matmul, rounds: int = 2, adapter: Adapter | None = None):
         _check(cfg)
         if rounds not in SCHEDULES:
             raise ValueError(f"rounds must be 4 or 2 per layer, not {rounds!r}")
         self.cfg, self.matmul, self.rounds = cfg, matmul, rounds
+        self.lora = _lora_ops(cfg, adapter) if adapter is not None else [{} for _ in params["layers"]]
+        self.adapter_seconds = 0.0  # P3's own time on the adapter's products
         t = lambda a: None if a is None else torch.as_tensor(np.asarray(a, np.float32))  # noqa: E731
         self.layers = [{k: ({kk: t(vv) for kk, vv in v.items()} if isinstance(v, dict) else t(v))
                         for k, v in p.items() if not k.startswith("w")} for p in params["layers"]]  # fmt: skip
@@ -181,25 +189,47 @@ class Walk:
         return h
 
     def _layers_2(self, h, bias, rotation, cache):
-        """Layer 0's QKV, then per layer B [o | h̃] and C [m | h̃₂]."""
+        """Layer 0's QKV, then per layer B [o | h̃] and C [m | h̃₂]. An adapter's deltas on the
+        output and down projections go into the residual P3 sends (h + Δ), so the block's
+        folded half sees the adapted residual; those on QKV and up are added once the round
+        has brought the base product, from the norm P3 computes itself."""
         cfg, hidden, n = self.cfg, self.cfg.hidden, len(self.layers)
-        qkv = self._linear("0.qkv", self._norm(h, self.layers[0]["ln1"]) if cfg.prenorm else h)
+        x = self._norm(h, self.layers[0]["ln1"]) if cfg.prenorm else h
+        qkv = self._adapted(0, "qkv", x, self._linear("0.qkv", x))
         for i, p in enumerate(self.layers):
             o = self._attend(i, qkv + torch.cat([p["bq"], p["bk"], p["bv"]]), p, bias, rotation, cache)
             up = _norm_before_up(cfg, p)
+            h = self._adapted(i, "o", o, h)
             a, z = _split(self._linear(f"{i}.o+up", torch.cat([o, self._tilde(h, up)], -1)), hidden)
             s = h + a + p["bo"]
-            m = self._activate(self._scaled(f"{i}.o+up", s, z), p)
+            u = self._scaled(f"{i}.o+up", s, z)
             h = s if cfg.prenorm else self._norm(s, up)
+            if "up" in self.lora[i]:
+                u = self._adapted(i, "up", self._norm(s, up) if cfg.prenorm else h, u)
+            m = self._activate(u, p)
             if i + 1 < n:
                 nxt = _norm_before_qkv(cfg, self.layers, i)
+                h = self._adapted(i, "down", m, h)
                 d, z = _split(self._linear(f"{i}.down+qkv", torch.cat([m, self._tilde(h, nxt)], -1)), hidden)
                 t = h + d + p["b2"]
                 qkv = self._scaled(f"{i}.down+qkv", t, z)
+                if "qkv" in self.lora[i + 1]:
+                    qkv = self._adapted(i + 1, "qkv", self._norm(t, nxt), qkv)
             else:
-                t = h + self._linear(f"{i}.down", m) + p["b2"]
+                t = h + self._adapted(i, "down", m, self._linear(f"{i}.down", m)) + p["b2"]
             h = t if cfg.prenorm else self._norm(t, p["ln2"])
         return h
+
+    def _adapted(self, i: int, op: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y + x·A·B for layer i's ``op`` (B is zero on the columns the adapter leaves alone):
+        P3's own low-rank products, in the clear, never sent."""
+        factors = self.lora[i].get(op)
+        if factors is None:
+            return y
+        start = time.perf_counter()
+        y = y + (x @ factors[0]) @ factors[1]
+        self.adapter_seconds += time.perf_counter() - start
+        return y
 
     def _tilde(self, x: torch.Tensor, norm: dict) -> torch.Tensor:
         """(x·C)∘γ: what the norm makes of x, but for the per-row scale r(x) and the shift β."""
@@ -226,8 +256,9 @@ class Walk:
         return torch.nn.functional.layer_norm(x, x.shape[-1:], p["g"], p["b"], self.cfg.eps)
 
     def _attention(self, i: int, x, p, bias, rotation, cache: Cache | None) -> torch.Tensor:
-        qkv = self._linear(f"{i}.qkv", x) + torch.cat([p["bq"], p["bk"], p["bv"]])
-        return self._linear(f"{i}.o", self._attend(i, qkv, p, bias, rotation, cache)) + p["bo"]
+        qkv = self._adapted(i, "qkv", x, self._linear(f"{i}.qkv", x)) + torch.cat([p["bq"], p["bk"], p["bv"]])
+        o = self._attend(i, qkv, p, bias, rotation, cache)
+        return self._adapted(i, "o", o, self._linear(f"{i}.o", o)) + p["bo"]
 
     def _attend(self, i: int, qkv, p, bias, rotation, cache: Cache | None) -> torch.Tensor:
         """Everything between the QKV and the output projection: RoPE, the cache, softmax."""
@@ -252,13 +283,44 @@ class Walk:
         return (torch.softmax(scores, -1) @ v).transpose(1, 2).reshape(b, n, h * hd)
 
     def _ffn(self, i: int, x, p) -> torch.Tensor:
-        return self._linear(f"{i}.down", self._activate(self._linear(f"{i}.up", x), p)) + p["b2"]
+        m = self._activate(self._adapted(i, "up", x, self._linear(f"{i}.up", x)), p)
+        return self._adapted(i, "down", m, self._linear(f"{i}.down", m)) + p["b2"]
 
     def _activate(self, u, p) -> torch.Tensor:
         if self.cfg.glu:
             gate, up = u.split(u.shape[-1] // 2, -1)
             return _act(self.cfg.activation, gate) * (up + p["b1"])
         return _act(self.cfg.activation, u + p["b1"])
+
+
+def _lora_ops(cfg: Config, adapter: Adapter) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Per layer, op (qkv, o, up, down) → (A, B) over that op's whole product: the adapted
+    weights' A side by side, their B stacked block-diagonally at their columns (in the order
+    of ``plain_matmuls``), so each op's delta is two small products."""
+    q, kv, d = cfg.heads * cfg.head_dim, cfg.n_kv * cfg.head_dim, cfg.hidden
+    up = 2 * cfg.ffn if cfg.glu else cfg.ffn
+    where = {"wq": ("qkv", 0), "wk": ("qkv", q), "wv": ("qkv", q + kv), "wo": ("o", 0), "w2": ("down", 0),
+             "w_gate": ("up", 0), "w1": ("up", cfg.ffn if cfg.glu else 0)}  # fmt: skip
+    width = {"qkv": q + 2 * kv, "o": d, "up": up, "down": d}
+    if len(adapter.layers) != cfg.layers:
+        raise ValueError(f"the adapter has {len(adapter.layers)} layers, the model {cfg.layers}")
+    out = []
+    for deltas in adapter.layers:
+        parts: dict[str, list] = {}
+        for key, f in deltas.items():
+            op, col = where[key]
+            parts.setdefault(op, []).append((col, f))
+        ops = {}
+        for op, fs in parts.items():
+            a = np.concatenate([f.a for _, f in fs], 1)
+            b = np.zeros((a.shape[1], width[op]), np.float32)
+            row = 0
+            for col, f in fs:
+                b[row : row + f.rank, col : col + f.b.shape[1]] = f.b
+                row += f.rank
+            ops[op] = (torch.from_numpy(a), torch.from_numpy(b))
+        out.append(ops)
+    return out
 
 
 def _split(y: torch.Tensor, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
