@@ -236,6 +236,38 @@ def test_p2s_log_of_greedy_answers_is_the_plaintext_answer_renamed(mode):
     assert seen == [sealed.client.rename_ids(r) for r in plain]
 
 
+@pytest.mark.parametrize("mode", ["embeddings", "tokens"])
+def test_p2_generates_renamed_text_from_its_own_checkpoint_alone(mode):
+    """Self-generation needs neither the key nor P3: from the sealed checkpoint (embedding mode:
+    its tied head's rows as the input rows), greedy from a start id is the public model's
+    greedy renamed; sampling gives sequences of renamed ids of the asked length."""
+    from harness import llama_case
+
+    from stip.models.hf import greedy
+    from stip.seal import seal
+
+    case = llama_case({**LLAMA, "vocab": 61}, tie=True)
+    sealed = seal(case.model, mode=mode)
+    for row in scenario.self_generated(sealed.server, mode, 6, length=5, temperature=0.0):
+        real = sealed.client.restore_ids(row)
+        assert greedy(case.model, [real[:1]], 5)[0] == real[1:]
+    sampled = scenario.self_generated(sealed.server, mode, 8, length=7, seed=3)
+    assert [len(s) for s in sampled] == [8] * 8 and sampled == scenario.self_generated(sealed.server, mode, 8, length=7, seed=3)
+    assert len({tuple(s) for s in sampled}) == 8
+
+
+@pytest.mark.slow
+def test_p2_decodes_the_renamed_stream_from_text_it_sampled_itself(smollm2_tokens_dir, smollm2_path):
+    """The small version of `llm.frequency.tokens.self*` (benchmarks/attacks.py runs 100 and
+    1,000 sequences): P2 samples 100 sequences of 64 renamed ids from its own sealed
+    SmolLM2, solves against public text, and reads the logged requests it never solved on far
+    above chance (one over the reference's distinct tokens: well under 0.1 %). On two sealings: 5.4 %
+    and more; at this size the rate moves with the sampled text, so the bar is low."""
+    r = scenario.frequency(smollm2_tokens_dir, smollm2_path, requests=(20,), reference_requests=0, self_generate=(100,), length=64)
+    assert r.details["by_requests"] == {} and r.recovery_rate == r.details["self100"]
+    assert r.recovery_rate >= 0.02, r.details
+
+
 def test_frequency_analysis_reads_a_renamed_token_stream():
     """Real text (CPython's docs, SmolLM2's tokenizer), renamed by a secret permutation: unigram
     and bigram matching against other sentences recovers a large share of it; the same text with

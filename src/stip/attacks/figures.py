@@ -23,6 +23,7 @@ CHAT_PROMPTS = (
 )
 LLM_LAYERS = (0, 1, 2, 8, 29)
 FINETUNE_STEPS = 200
+SELF_GENERATE = (100, 1000)  # sequences P2 samples from its own checkpoint (64 ids each; 1,000: ~4 min on 2 cores)
 
 
 class Sealings:
@@ -127,8 +128,14 @@ def _llm_figures() -> list[tuple[str, str, Callable, str]]:
          f"stip attack vocab --sealed LLM_FINETUNED --public smollm2 {prompts}"),
     ]
     for mode, sealing in (("tokens", "smollm2/tokens"), ("embeddings", "smollm2/public")):
+        name = "LLM_TOKENS" if mode == "tokens" else "LLM"
         out += [(f"llm.frequency.{mode}.requests{n}", f"requests{n}", lambda s, m, x=sealing: scenario.frequency(s[x], m),
-                 f"stip attack frequency --sealed {'LLM_TOKENS' if mode == 'tokens' else 'LLM'} --public smollm2") for n in (10, 100, 1000)]
+                 f"stip attack frequency --sealed {name} --public smollm2") for n in (10, 100, 1000)]
+        counts = ",".join(map(str, SELF_GENERATE))
+        self_run = lambda s, m, x=sealing: scenario.frequency(s[x], m, requests=(100,), reference_requests=0, self_generate=SELF_GENERATE)  # noqa: E731
+        out += [(f"llm.frequency.{mode}.self{n}{stage}", f"self{n}{stage}", self_run,
+                 f"stip attack frequency --sealed {name} --public smollm2 --requests 100 --reference 0 --self-generate {counts}")
+                for n in SELF_GENERATE for stage in ("", ".unigram")]  # fmt: skip
     return out
 
 

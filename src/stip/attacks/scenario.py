@@ -275,13 +275,44 @@ def chat_prompts(tokenizer, first: int, count: int) -> list[tuple[list[int], lis
 _REFERENCES: dict[tuple, list[list[int]]] = {}
 
 
+def self_generated(server, mode: str, count: int, length: int = 64, seed: int = 0, batch: int = 64, temperature: float = 1.0,
+                   log=lambda _done, _total: None) -> list[list[int]]:  # fmt: skip
+    """P2's own corpus, with no user request, no key and no public weights: ``count``
+    sequences sampled from the sealed checkpoint ``server`` alone, each a start id drawn at
+    random from its vocabulary and ``length`` renamed ids after it. Token mode: the checkpoint
+    reads renamed ids. Embedding mode: it reads permuted rows, and with a tied head P2 holds
+    them: the sealed head's row for renamed id a is the permuted row P3 would send for it."""
+    head = server.get_output_embeddings().weight
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, head.shape[0], (count,), generator=gen).tolist()
+    embed = None if mode == "tokens" else (lambda ids: head[ids])
+    out = greedy(server, [[a] for a in starts], length, embed=embed, temperature=temperature, generator=gen, batch=batch, log=log)
+    return [[a] + s for a, s in zip(starts, out)]
+
+
+def text_reference(tokenizer) -> list[list[int]]:
+    """A public reference that no model wrote: CPython's sentences the attacks never use as
+    prompts, each tokenized alone."""
+    from ..models.text import sentences
+
+    pool = sentences(seed=0)[PROMPT_POOL:]
+    return [ids for ids in tokenizer(pool, add_special_tokens=False)["input_ids"] if ids]
+
+
 def frequency(sealed: str | Path, public: str | Path, requests=(10, 100, 1000), new_tokens: int = 32,
-              reference_requests: int = 1000, log=lambda _msg: None) -> Result:
+              reference_requests: int = 1000, self_generate=(), length: int = 64, log=lambda _msg: None) -> Result:
     """P2's log of ``max(requests)`` chat requests (real sentences, answered greedily by the
     sealed model in the sealing's own mode), decoded by frequency analysis against the public
     model's answers to ``reference_requests`` other prompts. Token mode logs every prompt's and
     answer's ids; embedding mode logs the argmax ids of the answers. Recovery: the share of the
-    logged user text and answer tokens (not the chat template) mapped to their real token."""
+    logged user text and answer tokens (not the chat template) mapped to their real token.
+
+    ``self_generate`` (counts N): the attacker instead samples N renamed sequences of
+    ``length`` ids from its own checkpoint (`self_generated`) and solves the substitution on
+    them alone against public text (`text_reference`); the mapping is scored on the same
+    logged requests, which it never solves on (also with the unigram stage alone).
+    ``reference_requests=0`` leaves the logged-request decoding out: the log is then only
+    the held-out traffic the self-generated mapping is scored on."""
     sealed, pub = Path(sealed), _public(public)
     if not _causal(pub):
         raise ValueError("frequency analysis reads generated ids: it needs a causal language model")
@@ -292,12 +323,15 @@ def frequency(sealed: str | Path, public: str | Path, requests=(10, 100, 1000), 
     users = chat_prompts(tok, 0, n)
     log(f"P2 answers {n} requests ({bundle.mode} mode)")
     seen, real = _log_requests(_server(sealed), bundle, [p for p, _ in users], new_tokens, stop)
-    log(f"the public model answers {reference_requests} other prompts (the attacker's reference)")
-    refs = chat_prompts(tok, n, reference_requests)
-    key = (str(public), n, reference_requests, new_tokens)
-    if key not in _REFERENCES:  # the same for both modes: answer once per process
-        _REFERENCES[key] = _log_requests(pub, None, [p for p, _ in refs], new_tokens, stop)[0]
-    answers = _REFERENCES[key]
+    if not reference_requests and not self_generate:
+        raise ValueError("nothing to decode from: give reference requests or self-generated sequences")
+    refs = chat_prompts(tok, n, reference_requests) if reference_requests else []
+    if reference_requests:
+        log(f"the public model answers {reference_requests} other prompts (the attacker's reference)")
+        key = (str(public), n, reference_requests, new_tokens)
+        if key not in _REFERENCES:  # the same for both modes: answer once per process
+            _REFERENCES[key] = _log_requests(pub, None, [p for p, _ in refs], new_tokens, stop)[0]
+    answers = _REFERENCES[key] if reference_requests else []
     if tokens_mode:
         observed = [bundle.rename_ids(p) + s for (p, _), s in zip(users, seen)]
         truth = [p + r for (p, _), r in zip(users, real)]
@@ -306,16 +340,38 @@ def frequency(sealed: str | Path, public: str | Path, requests=(10, 100, 1000), 
     else:
         observed, truth, content, reference = seen, real, [[True] * len(s) for s in seen], answers
     curve, whole = {}, {}
-    for k in sorted(requests):
+    for k in sorted(requests) if reference_requests else ():  # 0: the log is only scored, never decoded
         mapping = frequency_.solve(observed[:k], reference)
         curve[k] = frequency_.recovered(mapping, observed[:k], truth[:k], content[:k])
         whole[k] = frequency_.recovered(mapping, observed[:k], truth[:k])
         log(f"{k} requests: {100 * curve[k]:.1f} % of user and answer tokens")
-    return Result(curve[n], sum(map(sum, content)), {
+    extra = {}
+    if self_generate:
+        import time
+
+        t0 = time.perf_counter()
+        most = max(self_generate)
+        log(f"P2 samples {most:,} sequences of {length} ids from its own checkpoint")
+        sampled = self_generated(_server(sealed), bundle.mode, most, length, log=lambda done, total: log(f"  {done:,}/{total:,} sequences"))
+        corpus = [s[1:] for s in sampled]  # the random start ids are not the model's
+        extra["self_generate_seconds"] = time.perf_counter() - t0
+        text = text_reference(tok)
+        extra["self_reference_tokens"] = sum(map(len, text))
+        for k in sorted(self_generate):
+            for stage, kw in (("", {}), (".unigram", {"iterations": 0})):
+                t1 = time.perf_counter()
+                mapping = frequency_.solve(corpus[:k], text, **kw)
+                extra[f"self{k}{stage}"] = frequency_.recovered(mapping, observed, truth, content)
+                extra[f"self{k}{stage}.solve_seconds"] = time.perf_counter() - t1
+            log(f"{k:,} self-generated sequences: {100 * extra[f'self{k}']:.1f} % of the logged user and answer tokens "
+                f"(unigram stage alone: {100 * extra[f'self{k}.unigram']:.1f} %)")
+        extra["self_length"] = length
+    value = curve[n] if curve else extra[f"self{max(self_generate)}"]
+    return Result(value, sum(map(sum, content)), {
         "attack": "frequency", "mode": bundle.mode, "new_tokens": new_tokens, "reference_requests": reference_requests,
         "by_requests": {str(k): v for k, v in curve.items()},
         "whole_log_by_requests": {str(k): v for k, v in whole.items()},
-        **{f"requests{k}": v for k, v in curve.items()}})
+        **{f"requests{k}": v for k, v in curve.items()}, **extra})
 
 
 def shares(public: str | Path, texts=TEXTS, layers=(1, 2), requests: int = 100, proposals: int = 64, log=lambda _msg: None,

@@ -82,19 +82,30 @@ def attack_attention(sealed: Path = _SEALED, texts: Optional[list[str]] = _TEXTS
 def attack_frequency(sealed: Path = _SEALED, public: Path = _PUBLIC,
                      requests: str = typer.Option("10,100,1000", "--requests", help="Comma-separated: how many logged requests to decode (a recovery curve)."),
                      new_tokens: int = typer.Option(32, "--new-tokens", min=1, help="Answer length per request (greedy, ends early at end of turn)."),
-                     reference: int = typer.Option(1000, "--reference", min=1, help="Requests the attacker answers with the public model to build its reference."),
+                     reference: int = typer.Option(1000, "--reference", min=0, help="Requests the attacker answers with the public model to build its reference (0 with --self-generate: decode from the self-generated text only; the log is then only scored)."),
+                     self_generate: Optional[str] = typer.Option(None, "--self-generate", metavar="N[,N…]", help="Also: P2 samples N renamed sequences from its own sealed checkpoint (no user traffic, no public weights) and decodes from those alone, against public text; scored on the logged requests."),
+                     length: int = typer.Option(64, "--length", min=2, help="With --self-generate: ids per sampled sequence."),
                      as_json: bool = _JSON) -> None:
-    """Frequency analysis of a causal model's logged token ids: P2 answers many chat requests
-    (real sentences from CPython's docs) and maps the renamed ids back to tokens by unigram and
-    bigram statistics against the public model's answers to other prompts."""
-    try:
-        counts = tuple(sorted({int(r) for r in requests.split(",") if r.strip()}))
-    except ValueError:
-        fail(f"--requests takes comma-separated integers, not {requests!r}")
-    if not counts or counts[0] < 1:
-        fail("--requests needs at least one count ≥ 1")
+    """Frequency analysis of a causal model's token ids: P2 answers many chat requests (real
+    sentences from CPython's docs) and maps the renamed ids back to tokens by unigram and
+    bigram statistics against the public model's answers to other prompts. With
+    --self-generate, P2 needs no log at all: it samples renamed text from its own checkpoint."""
+
+    def parse(value: str, flag: str) -> tuple[int, ...]:
+        try:
+            counts = tuple(sorted({int(r) for r in value.split(",") if r.strip()}))
+        except ValueError:
+            fail(f"{flag} takes comma-separated integers, not {value!r}")
+        if not counts or counts[0] < 1:
+            fail(f"{flag} needs at least one count ≥ 1")
+        return counts
+
+    counts = parse(requests, "--requests")
+    generated = parse(self_generate, "--self-generate") if self_generate is not None else ()
+    if not reference and not generated:
+        fail("--reference 0 needs --self-generate: there would be nothing to decode from")
     _attack("frequency", as_json, sealed=sealed, public=public, requests=counts, new_tokens=new_tokens,
-            reference_requests=reference, log=lambda msg: err.print(msg))
+            reference_requests=reference, self_generate=generated, length=length, log=lambda msg: err.print(msg))
 
 
 @attack_app.command("shares")

@@ -47,12 +47,14 @@ def hidden(model, k: int, **inputs) -> torch.Tensor:
 
 @torch.no_grad()
 def greedy(model, prompts: list[list[int]], new_tokens: int, *, embed=None, restore=None, stop: set[int] = frozenset(),
-           batch: int = 32, log=lambda _done, _total: None) -> list[list[int]]:
+           batch: int = 32, log=lambda _done, _total: None, temperature: float = 0.0,
+           generator: torch.Generator | None = None) -> list[list[int]]:  # fmt: skip
     """Greedy continuations of many prompts, batched (left-padded, one KV cache per batch).
     Each continuation is the list of argmax ids of the model's logits, cut after the first id in
     ``stop``. The model is fed ids, its own argmax fed back; or, with ``embed`` (ids → rows),
     rows: the prompts' ids embedded, then each argmax mapped by ``restore`` and embedded (STIP's
-    embedding mode: P3 restores the id P2 returns and sends that token's permuted row)."""
+    embedding mode: P3 restores the id P2 returns and sends that token's permuted row). At
+    ``temperature`` > 0 each id is sampled from the softmax instead (``generator`` seeds it)."""
     from transformers import DynamicCache
 
     out: list[list[int]] = []
@@ -72,7 +74,11 @@ def greedy(model, prompts: list[list[int]], new_tokens: int, *, embed=None, rest
             else:  # the prompt is real ids; later steps feed back the model's own argmax
                 fed = {"inputs_embeds": embed(restore(nxt) if step and restore is not None else nxt)}
             logits = model(**fed, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits
-            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            if temperature > 0:
+                probs = torch.softmax(logits[:, -1].double() / temperature, -1)
+                nxt = torch.multinomial(probs, 1, generator=generator)
+            else:
+                nxt = logits[:, -1].argmax(-1, keepdim=True)
             gen.append(nxt[:, 0])
             done |= torch.isin(nxt[:, 0], torch.as_tensor(sorted(stop), dtype=torch.long))
             mask = torch.cat([mask, torch.ones(len(group), 1, dtype=torch.long)], 1)
