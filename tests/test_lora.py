@@ -104,6 +104,15 @@ def test_what_is_not_plain_lora_on_the_projections_is_refused_by_name(tmp_path, 
     assert not any("lora" in n for n, _ in case.model.named_modules())
 
 
+def test_an_adapter_for_another_base_is_refused(tmp_path):
+    other = harness.llama_case(dict(heads=2, kv_heads=2, head_dim=4, layers=2, ffn=24, vocab=40, batch=1, seq=6, lengths=[6], seed=5))
+    make_adapter(other.model, tmp_path, "llama", 1)
+    model = _tiny().model
+    with pytest.raises(lora.UnsupportedAdapter, match="does not fit this model"):
+        lora.load(model, tmp_path)
+    assert not any("lora" in n for n, _ in model.named_modules())  # the failed load is undone
+
+
 def test_a_folder_that_is_no_adapter_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a PEFT adapter folder"):
         lora.load(_tiny().model, tmp_path)

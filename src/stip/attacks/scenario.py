@@ -7,6 +7,7 @@ knowledge is a public model folder. P1's key (OUT/provider) is read only to scor
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -313,6 +314,8 @@ def frequency(sealed: str | Path, public: str | Path, requests=(10, 100, 1000), 
     logged requests, which it never solves on (also with the unigram stage alone).
     ``reference_requests=0`` leaves the logged-request decoding out: the log is then only
     the held-out traffic the self-generated mapping is scored on."""
+    if not reference_requests and not self_generate:
+        raise ValueError("nothing to decode from: give reference requests or self-generated sequences")
     sealed, pub = Path(sealed), _public(public)
     if not _causal(pub):
         raise ValueError("frequency analysis reads generated ids: it needs a causal language model")
@@ -323,8 +326,6 @@ def frequency(sealed: str | Path, public: str | Path, requests=(10, 100, 1000), 
     users = chat_prompts(tok, 0, n)
     log(f"P2 answers {n} requests ({bundle.mode} mode)")
     seen, real = _log_requests(_server(sealed), bundle, [p for p, _ in users], new_tokens, stop)
-    if not reference_requests and not self_generate:
-        raise ValueError("nothing to decode from: give reference requests or self-generated sequences")
     refs = chat_prompts(tok, n, reference_requests) if reference_requests else []
     if reference_requests:
         log(f"the public model answers {reference_requests} other prompts (the attacker's reference)")
@@ -347,8 +348,6 @@ def frequency(sealed: str | Path, public: str | Path, requests=(10, 100, 1000), 
         log(f"{k} requests: {100 * curve[k]:.1f} % of user and answer tokens")
     extra = {}
     if self_generate:
-        import time
-
         t0 = time.perf_counter()
         most = max(self_generate)
         log(f"P2 samples {most:,} sequences of {length} ids from its own checkpoint")

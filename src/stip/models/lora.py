@@ -139,7 +139,11 @@ def load(model, folder: str | Path) -> Adapter:
     family, n = _family(model), model.config.num_hidden_layers
     layers: list[dict[str, Factors]] = [{} for _ in range(n)]
     unused: list[str] = []
-    wrapped = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+    try:
+        wrapped = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+    except (RuntimeError, KeyError, ValueError) as e:  # e.g. shapes of another base
+        _restore(model)
+        raise UnsupportedAdapter(f"{folder} does not fit this model: {str(e).splitlines()[0][:300]}") from None
     try:
         name = wrapped.active_adapter
         for path, mod in wrapped.base_model.model.named_modules():
@@ -165,6 +169,16 @@ def load(model, folder: str | Path) -> Adapter:
     if not any(layers):
         raise UnsupportedAdapter(f"{folder}: the adapter adapts none of {', '.join(_MODULES[family])}")
     return Adapter(tuple(layers), str(folder), tuple(unused))
+
+
+def _restore(model) -> None:
+    """Put back every base layer a failed PEFT load left wrapped, so the model is as it was."""
+    from peft.tuners.lora.layer import LoraLayer
+
+    for path, mod in list(model.named_modules()):
+        if isinstance(mod, LoraLayer) and path:
+            parent, _, name = path.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, name, mod.get_base_layer())
 
 
 def merge(model, folder: str | Path):
