@@ -447,7 +447,7 @@ def to_mpc(model: _Polynomial):
     polynomial attention and activations with each layer's own coefficients; a summed pool
     (ViT) or the last position's logits (LM, causal, 1/S(i + 1) per row). Its input is the
     user's embedding ``embed_plan(plan, inputs)``."""
-    from ..mpc.model import Config
+    from .blocks import Config
 
     plan, c = he_plan(model), model.cfg
     hd = c.dim // c.heads
