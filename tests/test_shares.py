@@ -353,6 +353,58 @@ def test_smollm2_greedy_is_identical_and_logits_within_1e_3(smollm2_servers, smo
 
 
 @pytest.mark.slow
+def test_concurrent_walks_batched_at_the_servers_equal_greedy_alone(smollm2_servers, smollm2_plain, certs):
+    """Exactness under load at test scale (4 streams × 8 tokens; `make bench-serving` runs 16 × 32
+    against single-stream runs): walkers forked from one model, each on its own connections, at
+    once; the servers batch their matmuls together; every stream equals plaintext greedy."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from stip.models.hf import greedy
+    from stip.shares import one_thread
+
+    path, a, b = smollm2_servers
+    with Servers([a, b], trust=_trust(certs)) as conn:
+        first = SharesModel(path, conn)
+        walkers = [first] + [first.fork() for _ in range(3)]
+        assert len({id(w.servers) for w in walkers}) == 4 and all(w.walk.layers is first.walk.layers for w in walkers)
+        prompts = [_chat(first.tokenizer, t) for t in ("Hi!", "What is 2 + 2?", "Name a colour.", "Say yes.")]
+        with one_thread(), ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda wp: wp[0].generate(wp[1], 8).token_ids, zip(walkers, prompts)))
+        for w in walkers[1:]:
+            w.servers.close()
+    assert got == [greedy(smollm2_plain, [p], 8)[0] for p in prompts]
+
+
+def test_the_engine_runs_up_to_streams_generations_at_once():
+    """Three requests, two walkers: two run at once, the third waits for one to be free; each
+    stream gets its whole answer, and no more walkers exist than ``streams``."""
+    import asyncio
+
+    from stip.shares.engine import SharesEngine
+
+    case = harness.llama_case(dict(heads=2, kv_heads=1, head_dim=4, layers=1, ffn=8, vocab=16, batch=1, seq=2,
+                                   lengths=[2], seed=0))  # fmt: skip
+    with ShareServer.from_model(case.model).listen() as s1, ShareServer.from_model(case.model).listen() as s2:
+        engine = SharesEngine(SharesModel(case.model, Servers([s1.address, s2.address])), streams=2)
+        want = [engine.model.generate([1, 2, i], 5, temperature=0).token_ids for i in range(3)]
+
+        async def one(i):
+            out = []
+            async for ids, reason in engine.generate({"prompt": [1, 2, i], "max_tokens": 5, "temperature": 0, "ignore_eos": True}):
+                out += ids
+            return out
+
+        async def run():
+            try:
+                return await asyncio.gather(*(one(i) for i in range(3)))
+            finally:
+                await engine.close()
+
+        got = asyncio.run(run())
+    assert got == want and len(engine.walkers) == 2
+
+
+@pytest.mark.slow
 def test_smollm2_with_an_adapter_trained_here_equals_peft_merged(smollm2_servers, smollm2_plain, certs, tmp_path):
     """A real LoRA, short (`stip train lora`: 8 steps; the benchmark trains 300), on P3 alone:
     greedy and logits equal PEFT's merged model on both schedules, the adapter changes the

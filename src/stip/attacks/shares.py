@@ -98,21 +98,23 @@ def uniformity(chunks: list[np.ndarray]) -> dict:
     and each of the 8 byte positions of a ring element alone (a fixed-point encoding fails
     there first: its high bytes are 0x00 or 0xFF). Returns the statistics, p-values, and the
     share of the 9 tests passed at ``ALPHA``."""
+    data = np.concatenate([c.reshape(-1) for c in chunks]) if chunks else np.zeros(0, np.int64)
+    octets = np.ascontiguousarray(data).view(np.uint8).reshape(-1, 8)
+    return uniformity_of_counts(np.stack([np.bincount(octets[:, j], minlength=256) for j in range(8)]))
+
+
+def uniformity_of_counts(counts: np.ndarray) -> dict:
+    """`uniformity` from the (8 byte positions, 256 values) counts alone, as a share server
+    keeps them of everything it receives (`stip share-server --byte-counts`)."""
     from scipy.stats import chi2
 
-    data = np.concatenate([c.reshape(-1) for c in chunks]) if chunks else np.zeros(0, np.int64)
-    octets = data.view(np.uint8).reshape(-1, 8)
-    expected_all = octets.size / 256
-    counts = np.bincount(octets.reshape(-1), minlength=256)
-    stat = float(((counts - expected_all) ** 2 / expected_all).sum())
-    by_position = []
-    for j in range(8):
-        c = np.bincount(octets[:, j], minlength=256)
-        e = len(octets) / 256
-        by_position.append(float(((c - e) ** 2 / e).sum()))
+    counts = np.asarray(counts, np.float64)
+    pooled, total = counts.sum(0), counts.sum()
+    stat = float(((pooled - total / 256) ** 2 / (total / 256)).sum())
+    by_position = [float(((c - c.sum() / 256) ** 2 / (c.sum() / 256)).sum()) for c in counts]
     p_positions = [float(chi2.sf(s, 255)) for s in by_position]
     p = float(chi2.sf(stat, 255))
-    return {"bytes": int(octets.size), "chi2": stat, "p": p, "p_min_position": min(p_positions), "p_positions": p_positions,
+    return {"bytes": int(total), "chi2": stat, "p": p, "p_min_position": min(p_positions), "p_positions": p_positions,
             "passed": sum(x > ALPHA for x in [p, *p_positions]) / 9}  # fmt: skip
 
 

@@ -35,6 +35,7 @@ def proxy(
     rounds: int = typer.Option(2, "--rounds", min=2, max=4, help=ROUNDS_HELP),
     adapter: Optional[Path] = typer.Option(None, "--adapter", metavar="DIR", help=ADAPTER_HELP),
     prepare_tokens: int = typer.Option(0, "--prepare-tokens", min=0, help="Shares mode: keep masks for this many positions prepared with S1 in the background, so that requests mostly ask S2 alone (0: off)."),
+    streams: int = typer.Option(8, "--streams", min=1, max=256, help="Shares mode: generations at once, each on its own pair of connections (opened when first needed); more requests wait."),
     pin: Optional[str] = typer.Option(None, "--pin", help=PIN_HELP.replace("server's", "upstream's")),
     ca: Optional[Path] = typer.Option(None, "--ca", help=CA_HELP),
     tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="PEM certificate for the proxy's own HTTPS (stip tls-cert makes one), TLS 1.3 only."),
@@ -63,7 +64,7 @@ def proxy(
     token = read_token(upstream_token_file)
     try:
         if shares is not None:
-            engine = _shares_engine(client_dir, shares, token, timeout, prepare_tokens, pin, ca, insecure, rounds, adapter)
+            engine = _shares_engine(client_dir, shares, token, timeout, prepare_tokens, pin, ca, insecure, rounds, adapter, streams)
             api = create_app(engine.local(), engine, model_name=model_name, max_tokens_limit=max_tokens_limit)
         else:
             trust = (trusts(pin, ca) or [None])[0]
@@ -116,10 +117,10 @@ def _shares_model(src: Path, shares: str, token: str | None, timeout: float = 12
 
 
 def _shares_engine(src: Path, shares: str, token: str | None, timeout: float, prepare_tokens: int,
-                   pin: str | None, ca: Path | None, insecure: bool, rounds: int, adapter: Path | None = None):  # fmt: skip
+                   pin: str | None, ca: Path | None, insecure: bool, rounds: int, adapter: Path | None = None, streams: int = 1):  # fmt: skip
     from ..shares.engine import SharesEngine
 
-    return SharesEngine(_shares_model(src, shares, token, timeout, pin, ca, insecure, rounds, adapter), prepare_tokens)
+    return SharesEngine(_shares_model(src, shares, token, timeout, pin, ca, insecure, rounds, adapter), prepare_tokens, streams)
 
 
 def _client(client_dir: Path, server: str, token_file: Path | None, pin: str | None, ca: Path | None, insecure: bool):

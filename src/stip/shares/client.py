@@ -158,6 +158,7 @@ class Servers:
         if len(trust) != 2:
             raise ValueError("give one trust (pin or CA) per party: S1's and S2's")
         self._token, self._timeout = token, timeout
+        self._args = (parties, dict(token=token, timeout=timeout, trust=trust, insecure=insecure, retry_seconds=retry_seconds))
         self.retry_seconds = timeout if retry_seconds is None else retry_seconds
         self.links = [_Link(i, r, t, insecure, timeout) for i, (r, t) in enumerate(zip(replicas, trust))]
         self._offline: _Link | None = None  # prepare()'s own connection to S1
@@ -178,6 +179,15 @@ class Servers:
         self.exponents: dict[str, np.ndarray] = {}
         self.offline = Stats()  # prepare()'s traffic
         self.masks: dict[str, deque] = {}  # name → prepared blocks of rows (R, R·W̃), each row used once
+
+    def another(self) -> "Servers":
+        """New connections to the same parties, on the same terms: one pair per concurrent walk."""
+        other = Servers(self._args[0], **self._args[1])
+        if other.hellos[0].get("fingerprint") != self.hellos[0].get("fingerprint"):
+            other.close()
+            raise SharesError(f"the share servers now hold {other.model}, not {self.model}")
+        other.exponents = self.exponents  # read-only once P3 checked the weights
+        return other
 
     @property
     def addresses(self) -> list[str]:
@@ -212,11 +222,11 @@ class Servers:
         for name, n in rows.items():
             t0 = time.perf_counter()
             r = ring.uniform(n * self.ops[name][0]).reshape(n, -1)
-            blob = wire.encode({"x": torch.from_numpy(r)}, {"op": name})
+            blob = wire.encode({"x": r}, {"op": name})
             self.offline.share_seconds += time.perf_counter() - t0
             ((y, _),) = self._ask([blob], to=(0,), stats=self.offline, links={0: self._offline})
             with self._lock:
-                self.masks.setdefault(name, deque()).append((r, y["y"].numpy()))
+                self.masks.setdefault(name, deque()).append((r, y["y"]))
 
     def prepared(self, name: str) -> int:
         """Rows of masks ready for ``name``."""
@@ -250,15 +260,15 @@ class Servers:
         mask = self._take(name, x.shape[0])
         if mask is not None:  # prepared: S2 alone
             r, y1 = mask
-            blob = wire.encode({"x": torch.from_numpy(x - r)}, {"op": name})  # wraps mod 2^64
+            blob = wire.encode({"x": x - r}, {"op": name})  # wraps mod 2^64
             self.stats.share_seconds += time.perf_counter() - t0
             ((answer, _),) = self._ask([blob], to=(1,))
-            y2 = answer["y"].numpy()
+            y2 = answer["y"]
         else:
-            blobs = [wire.encode({"x": torch.from_numpy(s)}, {"op": name}) for s in ring.share(x)]
+            blobs = [wire.encode({"x": s}, {"op": name}) for s in ring.share(x)]  # NumPy in and out: no torch per frame
             self.stats.share_seconds += time.perf_counter() - t0
             (y1, _), (y2, _) = self._ask(blobs)
-            y1, y2 = y1["y"].numpy(), y2["y"].numpy()
+            y1, y2 = y1["y"], y2["y"]
         t1 = time.perf_counter()
         y = ring.decode(ring.reconstruct(y1, y2), rows, self.exponents[name])
         self.stats.share_seconds += time.perf_counter() - t1
@@ -292,7 +302,7 @@ class Servers:
         out = []
         for i in to:
             stats.bytes_down[i] += len(replies[i]) + 8
-            tensors, meta = wire.decode(replies[i])
+            tensors, meta = wire.decode(replies[i], numpy=True)
             if "error" in meta:
                 raise SharesError(f"{links[i].name} ({links[i].address}) refused: {meta['error']}")
             stats.server_seconds[i] += float(meta.get("seconds", 0.0))
@@ -390,6 +400,17 @@ class SharesModel:
         servers.expect(plain, folded_matmuls(self.cfg, params, plain) if rounds == 2 else ())
         self.servers = servers
         self._tokenizer = None
+
+    def fork(self) -> "SharesModel":
+        """Another walker on the same loaded model (weights shared, not copied) with connections
+        of its own: one per generation running at the same time."""
+        import copy
+
+        other = copy.copy(self)
+        other.servers = self.servers.another()
+        other.walk = copy.copy(self.walk)
+        other.walk.matmul, other.walk.adapter_seconds = other.servers.matmul, 0.0
+        return other
 
     def plan(self, tokens: int, new_tokens: int = 0) -> list[tuple[str, int]]:
         """The matmuls (name, rows) one request will make, for ``Servers.prepare``: a pass over

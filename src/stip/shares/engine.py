@@ -1,11 +1,13 @@
 """Shares mode behind `stip proxy`: the engine is P3's own loop with two share servers.
 
 The proxy hands it the same body it would send vLLM (prompt ids, max_tokens, sampling,
-stop ids) and reads (new ids, finish reason) back as tokens come. One generation runs at a
-time: the two connections carry one walk. Masks can be prepared with S1 in the background
-(``prepare_tokens``), on a connection of their own.
+stop ids) and reads (new ids, finish reason) back as tokens come. Up to ``streams``
+generations run at once, each a walker of its own (`SharesModel.fork`: the weights shared, a
+connection pair of its own, opened when first needed); more requests wait their turn. The share
+servers batch the walkers' matmuls with every other user's. Masks can be prepared with S1 in the
+background (``prepare_tokens``), on a connection of their own per walker.
 
-    engine = SharesEngine(SharesModel("smollm2", Servers([s1, s2])))
+    engine = SharesEngine(SharesModel("smollm2", Servers([s1, s2])), streams=16)
     app = create_app(engine.local(), engine)
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
 from ..client.proxy import Local, ProxyError
@@ -28,12 +31,18 @@ class _Stopped(Exception):
 
 
 class SharesEngine:
-    """``prepare_tokens``: keep masks for that many positions of every matmul prepared with S1
-    in the background (`Servers.prepare`), so that requests mostly ask S2 alone; 0: never."""
+    """``streams``: generations at once. ``prepare_tokens``: keep masks for that many positions
+    of every matmul prepared with S1 in the background (`Servers.prepare`), so that requests
+    mostly ask S2 alone; 0: never."""
 
-    def __init__(self, model: SharesModel, prepare_tokens: int = 0):
-        self.model = model
-        self.lock = asyncio.Lock()
+    def __init__(self, model: SharesModel, prepare_tokens: int = 0, streams: int = 1):
+        if streams < 1:
+            raise ValueError("streams must be at least 1")
+        self.model, self.streams = model, streams
+        self.walkers = [model]  # every walker made so far; the idle ones wait in _idle
+        self._idle: asyncio.Queue | None = None
+        self._made = threading.Lock()
+        self._pool = ThreadPoolExecutor(streams, thread_name_prefix="stip-shares-walk")
         self.prepare_tokens = prepare_tokens
         self._stop = threading.Event()
         self._filler = None
@@ -42,17 +51,39 @@ class SharesEngine:
             self._filler.start()
 
     def _top_up(self) -> None:
-        servers, names = self.model.servers, self.model.walk.ops()  # every matmul of its schedule
+        names = self.model.walk.ops()  # every matmul of its schedule
         while not self._stop.wait(0.05):
-            if all(servers.prepared(n) >= self.prepare_tokens // 2 for n in names):
-                continue
+            with self._made:
+                walkers = [w for w in self.walkers if w is not None]  # None: one still connecting
+            for servers in (w.servers for w in walkers):
+                if all(servers.prepared(n) >= self.prepare_tokens // 2 for n in names):
+                    continue
+                try:
+                    servers.prepare([(n, self.prepare_tokens - servers.prepared(n)) for n in names])
+                except (SharesError, ConnectionError, OSError) as e:
+                    if self._stop.is_set():
+                        return
+                    log.warning("preparing masks with S1 failed (%s); requests ask both servers meanwhile", e)
+                    self._stop.wait(5.0)
+
+    async def _walker(self) -> SharesModel:
+        """An idle walker, a new one while fewer than ``streams`` exist, else the next one freed."""
+        if self._idle is None:
+            self._idle = asyncio.Queue()
+            self._idle.put_nowait(self.model)
+        if self._idle.empty() and len(self.walkers) < self.streams:
+            with self._made:
+                self.walkers.append(None)  # the place is taken while it connects
             try:
-                servers.prepare([(n, self.prepare_tokens - servers.prepared(n)) for n in names])
-            except (SharesError, ConnectionError, OSError) as e:
-                if self._stop.is_set():
-                    return
-                log.warning("preparing masks with S1 failed (%s); requests ask both servers meanwhile", e)
-                self._stop.wait(5.0)
+                walker = await asyncio.get_running_loop().run_in_executor(self._pool, self.model.fork)
+            except BaseException:
+                with self._made:
+                    self.walkers.remove(None)
+                raise
+            with self._made:
+                self.walkers[self.walkers.index(None)] = walker
+            return walker
+        return await self._idle.get()
 
     def local(self) -> Local:
         cfg = self.model.config
@@ -72,9 +103,9 @@ class SharesEngine:
                 raise _Stopped
             loop.call_soon_threadsafe(queue.put_nowait, ("token", token))
 
-        def walk() -> None:
+        def walk(model: SharesModel) -> None:
             try:
-                g = self.model.generate(
+                g = model.generate(
                     list(body["prompt"]), body["max_tokens"], temperature=body.get("temperature", 1.0),
                     top_p=body.get("top_p", 1.0), seed=body.get("seed"), stop=eos, min_tokens=body.get("min_tokens", 0),
                     on_token=on_token,
@@ -89,8 +120,12 @@ class SharesEngine:
                 log.exception("shares mode: the walk failed")
                 loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
 
-        async with self.lock:
-            task = loop.run_in_executor(None, walk)
+        try:
+            model = await self._walker()
+        except (SharesError, ConnectionError, OSError) as e:
+            raise ProxyError(503, f"shares mode: {e}", "upstream_unavailable") from None
+        try:
+            task = loop.run_in_executor(self._pool, walk, model)
             try:
                 while True:
                     kind, value = await queue.get()
@@ -107,9 +142,15 @@ class SharesEngine:
             finally:
                 stop.set()
                 await task
+        finally:
+            self._idle.put_nowait(model)
 
     async def close(self) -> None:
         self._stop.set()
         if self._filler is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._filler.join, 10.0)
-        self.model.servers.close()
+        self._pool.shutdown(wait=False)
+        with self._made:
+            walkers = [w for w in self.walkers if w is not None]
+        for w in walkers:
+            w.servers.close()

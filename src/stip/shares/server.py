@@ -1,11 +1,11 @@
-"""A share server (S1 or S2): public weights, one ring matmul per request.
+"""A share server (S1 or S2): public weights, ring matmuls on shares, many users' in one GEMM.
 
 It never sees an activation, only one additive share of it: uniform ring elements. It holds
 no state between requests (P3 keeps the KV cache), and never talks to the other server, so a
 restarted server or another replica of the same party answers exactly as this one would.
 
     server = ShareServer.load("minilm")                    # the public model's weight matmuls
-    with server.listen("0.0.0.0", 7001, tls=ctx) as bound:  # a thread per connection
+    with server.listen("0.0.0.0", 7001, tls=ctx) as bound:  # a thread per connection; same-op requests share GEMMs
         ...                                                 # bound.address = "0.0.0.0:7001"
     bound.drain(30.0)                                       # SIGTERM: answer what is in flight, then stop
 
@@ -17,6 +17,7 @@ a closed socket; nothing a peer sends ends the server. Logs carry one summary pe
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import logging
@@ -34,6 +35,7 @@ import torch
 from .. import wire
 from ..models.source import load_source
 from . import protocol, ring
+from .batch import WINDOW, Batcher
 from .walk import folded_matmuls, plain_matmuls, zero_block
 
 log = logging.getLogger("stip.shares.server")
@@ -56,6 +58,7 @@ class ShareServer:
     token: str | None = None
     limits: Limits = Limits()
     observe: Callable[[str, np.ndarray], None] | None = None  # sees (op, share) of every matmul: the attacks' hook
+    batch_window: float | None = WINDOW  # listening, stack same-op requests across connections (`batch`); None: each alone
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
@@ -75,7 +78,7 @@ class ShareServer:
             ops[name] = ring.Weight.encode(w, limbs, zero_block(name, w, cfg.hidden))
         return cls(ops, f"{model.config.model_type}-{digest[:16]}", digest, **kwargs)
 
-    @property
+    @functools.cached_property
     def max_frame(self) -> int:
         """The largest request an authenticated peer may send: its largest matmul's rows."""
         widest = max((w.shape[0] for w in self.ops.values()), default=1)
@@ -86,11 +89,12 @@ class ShareServer:
         return {"model": self.model, "ops": {k: list(w.shape) for k, w in self.ops.items()},
                 "limbs": limbs, "fingerprint": self.fingerprint, "max_rows": self.limits.max_rows}  # fmt: skip
 
-    def answer(self, blob: bytes, authed: bool = True) -> tuple[bytes, bool]:
+    def answer(self, blob: bytes, authed: bool = True, batcher: Batcher | None = None, who: object = None) -> tuple[bytes, bool]:
         """One request → (one reply, whether the connection is now authenticated). Bad input
-        gets an error reply, never an exception; nothing but hello before a good hello."""
+        gets an error reply, never an exception; nothing but hello before a good hello. With a
+        ``batcher``, the matmul joins other connections' (``who``: this one) in one GEMM."""
         try:
-            tensors, meta = wire.decode(blob, protocol.REQUEST)
+            tensors, meta = wire.decode(blob, protocol.REQUEST, numpy=True)
             op = meta.get("op")
             if op == protocol.HELLO:
                 if self.token is not None and not hmac.compare_digest(str(meta.get("token", "")).encode(), self.token.encode()):
@@ -103,15 +107,19 @@ class ShareServer:
                 return _error(f"unknown matmul {str(op)[:64]!r}"), authed
             if "x" not in tensors:
                 return _error(f"{op}: missing tensor 'x'"), authed
-            x = tensors["x"].numpy()
+            x = tensors["x"]
             if x.shape[1] != weight.shape[0] or not 0 < x.shape[0] <= self.limits.max_rows:
                 return _error(f"{op} takes (1..{self.limits.max_rows}, {weight.shape[0]}); got {list(x.shape)}"), authed
             if self.observe is not None:
                 with self._lock:
                     self.observe(op, x)
-            t0 = time.perf_counter()
-            y = ring.matmul(x, weight)
-            return wire.encode({"y": torch.from_numpy(y)}, {"seconds": f"{time.perf_counter() - t0:.6f}"}), authed
+            if batcher is not None:
+                y, seconds = batcher.matmul(op, x, who)
+            else:
+                t0 = time.perf_counter()
+                y = ring.matmul(x, weight)
+                seconds = time.perf_counter() - t0
+            return wire.encode({"y": y}, {"seconds": f"{seconds:.6f}"}), authed
         except wire.WireError as e:
             return _error(str(e)), authed
         except Exception as e:  # a bug must not end the connection's thread silently, nor show a value
@@ -120,6 +128,27 @@ class ShareServer:
 
     def listen(self, host: str = "127.0.0.1", port: int = 0, tls: ssl.SSLContext | None = None) -> "Bound":
         return Bound(self, host, port, tls)
+
+
+class ByteCounts:
+    """How often each byte value occurs at each of a ring element's 8 byte positions, over
+    every share a server received: its whole view, in 16 KiB, for the uniformity test. An
+    `observe` hook (`stip share-server --byte-counts`)."""
+
+    def __init__(self):
+        self.counts = np.zeros((8, 256), np.int64)
+        self.elements = 0
+
+    def __call__(self, op: str, x: np.ndarray) -> None:
+        octets = np.ascontiguousarray(x, np.int64).view(np.uint8).reshape(-1, 8)
+        self.counts += np.bincount((octets + _POSITIONS).reshape(-1), minlength=8 * 256).reshape(8, 256)
+        self.elements += len(octets)
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps({"elements": self.elements, "counts": self.counts.tolist()}))
+
+
+_POSITIONS = np.arange(8, dtype=np.int64) * 256
 
 
 def _error(message: str) -> bytes:
@@ -149,7 +178,7 @@ class _Connection:
                     blob = protocol.recv(self.sock, protocol.HELLO_FRAME, deadline=t0 + limits.hello_seconds)
                 self.busy, was_authed = True, authed
                 self.frames, self.bytes_in = self.frames + 1, self.bytes_in + len(blob) + 8
-                reply, authed = share.answer(blob, authed)
+                reply, authed = share.answer(blob, authed, self.bound.batcher, self)
                 if authed and not was_authed:
                     self.bound.authenticated += 1
                     self.sock.settimeout(limits.idle_seconds)
@@ -180,6 +209,8 @@ class _Connection:
             except OSError:
                 pass
             self.bound._gone(self)
+            if self.bound.batcher is not None:
+                self.bound.batcher.leave(self)
             quiet = self.frames == 0 and why == "closed by the peer"  # a load balancer's health check
             log.log(logging.DEBUG if quiet else logging.INFO, "%s: %d frames, %d B in, %d B out, %s, %.1f s: %s", self.peer, self.frames, self.bytes_in,
                      self.bytes_out, "authenticated" if authed else "never authenticated", time.monotonic() - t0, why)  # fmt: skip
@@ -207,6 +238,7 @@ class Bound:
         self.sock = socket.create_server((host, port), family=family, backlog=512)
         self.sock.settimeout(0.2)  # the accept loop looks at `closing` this often
         self.address = f"{'[' + host + ']' if ':' in host else host}:{self.sock.getsockname()[1]}"
+        self.batcher = None if share.batch_window is None else Batcher(share.ops, share.batch_window, share.limits.max_rows)
         self.draining = self.closing = False
         self.authenticated = 0  # good hellos so far
         self._conns: set[_Connection] = set()
@@ -277,6 +309,8 @@ class Bound:
             c.hang_up()
         for t in threads:
             t.join(2.0)
+        if self.batcher is not None:
+            self.batcher.close()
 
     def __enter__(self) -> "Bound":
         return self
