@@ -176,15 +176,16 @@ def test_a_servers_byte_counts_give_the_same_uniformity_test_as_its_shares(tmp_p
 def test_the_serving_benchmark_on_a_sample(tmp_path, smollm2_path):
     """`benchmarks/shares_serving.py` at sample scale (make bench-serving: 1–64 streams × 10 s, 16
     × 32 tokens end to end, vLLM beside): capacity with batching on and off from the load
-    generator, end-to-end streams through stip proxy, exactness and byte-uniformity, and a
-    report that shows the JSON's numbers."""
+    generator, a counted load's byte-uniformity, and a report that shows the JSON's numbers.
+    The end-to-end part is left to the full run (~2 min here): concurrent walks through the
+    batching servers are tested above, the proxy's streams pool in test_shares.py."""
     import json
     import subprocess
     import sys
 
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, "benchmarks/shares_serving.py", "--seconds", "1.5", "--streams", "1,3", "--tokens", "3",
-                           "--e2e-streams", "2", "--skip-vllm", "--settle", "0", "--out", str(out)], capture_output=True, text=True, timeout=900)  # fmt: skip
+    done = subprocess.run([sys.executable, "benchmarks/shares_serving.py", "--seconds", "1.5", "--streams", "1,3", "--skip-e2e",
+                           "--skip-vllm", "--settle", "0", "--out", str(out)], capture_output=True, text=True, timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     r = json.loads((out / "results.json").read_text())
     report = (out / "report.md").read_text()
@@ -196,9 +197,7 @@ def test_the_serving_benchmark_on_a_sample(tmp_path, smollm2_path):
         assert f"| {key.split()[0]} | {m['streams']} | {m['tok_s']:.1f} |" in report
     assert r["batching_gain"] == pytest.approx(r["capacity"]["on 3"]["tok_s"] / r["capacity"]["on 1"]["tok_s"])
     assert any("requests in" in line for line in r["capacity"]["on log"])  # the server's own batching summary
-    e2e = r["e2e"]
-    assert e2e["exact"] == {"streams": 2, "tokens": 3, "identical": 2, "all_identical": True, "lengths": [3]}
-    assert e2e["loads"]["2"]["tokens"] == 6 and e2e["loads"]["2"]["p3_cpu_s_per_token"] > 0
+    assert r["counted_load"]["tok_s"] > 0 and list(r["uniformity"]) == ["load run, S1"]
     for u in r["uniformity"].values():
         assert u["passed"] == 1.0 and u["bytes"] > 10**6
         assert f"{u['bytes']:,} bytes" in report

@@ -1,6 +1,6 @@
 """Serving measurements: a share server's capacity under many users, and streamed loads.
 
-    step = decode_step("smollm2")                        # [(op, rows)] of one decode step
+    step = decode_step(chat.path())                      # [(op, rows)] of one decode step
     r = replay("127.0.0.1:7001", step, streams=16, seconds=10, pid=server_pid)
     r.tok_s, r.step_p50_ms, r.server_cpu_s_per_token, r.bytes_per_token
 
@@ -19,10 +19,9 @@ import json
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 # One chat prompt per stream, the same in every serving benchmark.
@@ -84,7 +83,6 @@ class Replay:
     server_cpu_s_per_token: float | None  # when the server's pid was given
     server_cpu_s: float | None
     generator_cpu_s: float  # this process: the users' side of the load, on the same cores
-    errors: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
