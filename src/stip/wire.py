@@ -45,8 +45,7 @@ _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", tor
 _NUMPY = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.int64): "I64",
           np.dtype(np.int32): "I32", np.dtype(np.int16): "I16", np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8",
           np.dtype(np.bool_): "BOOL"}  # fmt: skip
-_TORCH_OF = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "I64": torch.int64, "I32": torch.int32,
-             "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
+_TORCH_OF = {code: dtype for dtype, code in _DTYPES.items()}
 
 
 def encode(tensors: dict[str, torch.Tensor | np.ndarray], meta: dict[str, object] | None = None) -> bytes:
@@ -102,9 +101,9 @@ def decode(blob: bytes, expected: dict[str, Spec] | None = None, numpy: bool = F
                 if name != "__metadata__" and isinstance(entry, dict) and entry.get("dtype") not in _TORCH_OF:
                     raise WireError(f"{name[:64]!r} has dtype {str(entry.get('dtype'))[:16]}, which this endpoint does not take")
         tensors = load(blob)
+    except WireError:
+        raise
     except (SafetensorError, ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: deeply nested JSON
-        if isinstance(e, WireError):
-            raise
         raise WireError(f"malformed body: {e}", 400) from None
     meta = header.get("__metadata__") or {}
     if expected is not None:

@@ -20,10 +20,10 @@ and it never waits over ``window`` seconds. A lone user is its own only rider: i
 moment it asks. A rider that is slow once (its P3 computed the head, say) costs the others one
 wait; one that hangs up or goes idle, one window, once. Waiting out the window is cheaper than
 it looks: a batch run without a late rider splits the users into two groups, and each op then
-reads its weights twice until they merge again. Users drift out of
-step (their P3s' work differs), so the leader serves the op at the back of the pack, the
-pending op furthest behind in a pass: the front then arrives at the op the laggards are at,
-and the groups merge instead of taking turns.
+reads its weights twice until they merge again. Users drift out of step (their P3s' work
+differs), so the leader serves the op at the back of the pack, the pending op furthest behind
+in a pass: the front then arrives at the op the laggards are at, and the groups merge instead
+of taking turns.
 
 Mask preparation (`Servers.prepare`) is ordinary matmul traffic with more rows: batched the
 same way.

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
 from .. import wire
 from ..models.source import load_source
