@@ -5,7 +5,8 @@ off, end-to-end streams through `stip proxy`, and plaintext vLLM beside them, in
                                         [--e2e-streams 1,16] [--skip-vllm] [--out DIR]
 
 1. Capacity (the servers alone). One `stip share-server` process (all cores), batching on, then
-   off (`--no-batch`). A load generator (`stip.bench.serving.replay`) opens N connections, each
+   off (`--no-batch`); both, and the byte-counting server below, start before the first load and
+   wait idle until their turn. A load generator (`stip.bench.serving.replay`) opens N connections, each
    replaying one SmolLM2 decode step's exact (op, rows) sequence with fresh uniform shares, for
    ``--seconds``. Per level: tokens per second per server, step latency p50/p95, the server's
    CPU seconds per token (/proc), bytes per token, and the generator's own CPU (it shares the cores).
@@ -25,11 +26,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -65,35 +68,46 @@ def _measured(fn, pids: dict[str, int]) -> tuple[dict, dict]:
     return out, {k: tree_cpu_seconds(p) - before[k] for k, p in pids.items()}
 
 
-def capacity(src: Path, step, levels: list[int], seconds: float, settle: float = SETTLE_S) -> dict:
+@contextlib.contextmanager
+def share_servers(src: Path, *flags: tuple[str, ...]):
+    """One `stip share-server` process per tuple of extra flags, started side by side before
+    anything is measured: a start is seconds of mostly single-threaded loading, and a started
+    server waiting in accept costs nothing while another is measured."""
     from stip.serve.process import ServerProcess
 
+    with ThreadPoolExecutor(len(flags)) as pool:
+        started = [pool.submit(ServerProcess, src, *f, command="share-server", timeout=300) for f in flags]
+    try:
+        yield [f.result() for f in started]
+    finally:
+        for f in started:
+            if f.exception() is None:
+                f.result().stop()
+
+
+def capacity(servers: dict[str, object], step, levels: list[int], seconds: float, settle: float = SETTLE_S) -> dict:
+    """``servers``: label → a running share server (batching "on", or "off": `--no-batch`)."""
     out = {}
-    for batching in (True, False):
-        label = "on" if batching else "off"
-        with ServerProcess(src, *([] if batching else ["--no-batch"]), command="share-server", timeout=300) as server:
-            replay(server.url, step, 1, 1.0, warmup=0.5)  # warm-up: first touches of the weights
-            for n in levels:
-                time.sleep(settle)
-                r = replay(server.url, step, n, seconds, pid=server.proc.pid)
-                out[f"{label} {n}"] = {"batching": batching, **r.as_dict()}
-                say(f"capacity, batching {label:>3}, {n:>2} streams: {r.tok_s:6.1f} tok/s per server, step p50 {r.step_p50_ms:6.1f} ms "
-                    f"p95 {r.step_p95_ms:6.1f} ms, server CPU {r.server_cpu_s_per_token * 1e3:.1f} ms/token, generator CPU {r.generator_cpu_s:.1f} s")  # fmt: skip
-            server.proc.terminate()  # SIGTERM: drain, then the batching summary
-            server.proc.wait(60)
-            out[f"{label} log"] = [line.split(": ", 1)[-1].strip() for line in server.stderr.splitlines() if "batching:" in line]
+    for label, server in servers.items():
+        replay(server.url, step, 1, 1.0, warmup=0.5)  # warm-up: first touches of the weights
+        for n in levels:
+            time.sleep(settle)
+            r = replay(server.url, step, n, seconds, pid=server.proc.pid)
+            out[f"{label} {n}"] = {"batching": label == "on", **r.as_dict()}
+            say(f"capacity, batching {label:>3}, {n:>2} streams: {r.tok_s:6.1f} tok/s per server, step p50 {r.step_p50_ms:6.1f} ms "
+                f"p95 {r.step_p95_ms:6.1f} ms, server CPU {r.server_cpu_s_per_token * 1e3:.1f} ms/token, generator CPU {r.generator_cpu_s:.1f} s")  # fmt: skip
+        server.proc.terminate()  # SIGTERM: drain, then the batching summary
+        server.proc.wait(60)
+        out[f"{label} log"] = [line.split(": ", 1)[-1].strip() for line in server.stderr.splitlines() if "batching:" in line]
     return out
 
 
-def counted_load(src: Path, step, streams: int, seconds: float, counts: Path) -> dict:
+def counted_load(server, step, streams: int, seconds: float) -> dict:
     """A load run on a server that counts every byte it receives (`--byte-counts`): kept apart
     from the capacity runs, whose figures the counting would lower."""
-    from stip.serve.process import ServerProcess
-
-    with ServerProcess(src, "--byte-counts", str(counts), command="share-server", timeout=300) as server:
-        r = replay(server.url, step, streams, seconds, pid=server.proc.pid)
-        server.proc.terminate()  # SIGTERM: the counts are written on the way out
-        server.proc.wait(60)
+    r = replay(server.url, step, streams, seconds, pid=server.proc.pid)
+    server.proc.terminate()  # SIGTERM: the counts are written on the way out
+    server.proc.wait(60)
     say(f"a {streams}-stream load on a server counting its bytes: {r.tok_s:.1f} tok/s")
     return r.as_dict()
 
@@ -104,8 +118,7 @@ def end_to_end(src: Path, levels: list[int], tokens: int, counts: Path, settle: 
     from stip.serve.process import ServerProcess
 
     result: dict = {"loads": {}}
-    with ServerProcess(src, "--threads", "1", "--byte-counts", str(counts), command="share-server", timeout=300) as s1, \
-         ServerProcess(src, "--threads", "1", command="share-server", timeout=300) as s2:  # fmt: skip
+    with share_servers(src, ("--threads", "1", "--byte-counts", str(counts)), ("--threads", "1")) as (s1, s2):
         a, b = (s.url.removeprefix("tcp://") for s in (s1, s2))
         with ServerProcess(src, "--shares", f"{a},{b}", "--streams", str(max(levels)), command="proxy", timeout=300) as proxy:
             model = httpx.get(f"{proxy.url}/v1/models").json()["data"][0]["id"]
@@ -192,8 +205,9 @@ def main() -> int:
     say(f"{chat.NAME}: a decode step is {len(step)} matmul requests; capacity at {levels} streams, {args.seconds:g} s each")
     with tempfile.TemporaryDirectory(prefix="stip-shares-serving-") as tmp:
         load_counts, e2e_counts = Path(tmp) / "load.json", Path(tmp) / "e2e.json"
-        results["capacity"] = capacity(src, step, levels, args.seconds, args.settle)
-        results["counted_load"] = counted_load(src, step, min(16, max(levels)), args.seconds, load_counts)
+        with share_servers(src, (), ("--no-batch",), ("--byte-counts", str(load_counts))) as (on, off, counting):
+            results["capacity"] = capacity({"on": on, "off": off}, step, levels, args.seconds, args.settle)
+            results["counted_load"] = counted_load(counting, step, min(16, max(levels)), args.seconds)
         if not args.skip_e2e:
             results["e2e"] = end_to_end(src, e2e_levels, args.tokens, e2e_counts, args.settle)
         results["uniformity"] = {}

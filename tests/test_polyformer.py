@@ -135,6 +135,21 @@ def test_the_corpus_is_split_by_document_and_reads_local_folders(tmp_path):
     assert w.shape[1] == 9 and tok.get_vocab_size() == 300 and tok.decode(w[0].tolist())
 
 
+def test_the_standard_librarys_docstrings_are_parsed_once_per_install(tmp_path, monkeypatch):
+    from stip.models import chat, text
+
+    parsed = []
+    monkeypatch.setenv(chat.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(text, "_parse_docstrings", lambda files: parsed.append(len(files)) or ["Doc one.", "Doc two."])
+    monkeypatch.setattr(text, "_docstrings", text._docstrings.__wrapped__)  # no in-process memo: only the folder's
+    assert text._docstrings() == ("Doc one.", "Doc two.") and len(parsed) == 1 and parsed[0] > 100
+    assert text._docstrings() == ("Doc one.", "Doc two.") and len(parsed) == 1  # read back, not parsed
+    [kept] = (tmp_path / "text").iterdir()
+    kept.write_text("{not json")
+    assert text._docstrings() == ("Doc one.", "Doc two.") and len(parsed) == 2  # a damaged file: parsed again
+    assert [p.name for p in (tmp_path / "text").iterdir()] == [kept.name]
+
+
 @pytest.mark.slow
 def test_lm_cli_trains_reports_perplexity_and_runs_under_ckks_and_the_bench(tmp_path):
     import json

@@ -5,10 +5,12 @@ useless to the attack suite."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import openai
@@ -276,6 +278,19 @@ def _server(src, cert):
                          command="share-server", timeout=300)  # fmt: skip
 
 
+@contextlib.contextmanager
+def _servers(src, certs):
+    """S1 and S2, started side by side (a start is mostly single-threaded loading)."""
+    with ThreadPoolExecutor(2) as pool:
+        started = [pool.submit(_server, src, cert) for cert in certs]
+    try:
+        yield [f.result() for f in started]
+    finally:
+        for f in started:  # each that started is stopped, also when the other failed to
+            if f.exception() is None:
+                f.result().stop()
+
+
 def _trust(certs) -> list:
     return [tls.Trust(pin=pin) for _, _, pin in certs]
 
@@ -296,7 +311,7 @@ def test_minilm_embeddings_through_two_share_server_processes(minilm_path, certs
     with torch.no_grad():
         h = AutoModel.from_pretrained(minilm_path)(**batch).last_hidden_state
     ref = torch.nn.functional.normalize(mean_pool(h, batch["attention_mask"]), dim=-1)
-    with _server(minilm_path, certs[0]) as s1, _server(minilm_path, certs[1]) as s2:
+    with _servers(minilm_path, certs) as (s1, s2):
         with Servers([s1.url, s2.url], trust=_trust(certs)) as conn:
             for rounds, per_pass in ((2, 1 + 2 * 6), (4, 4 * 6)):  # the must-show: ≤ 13 a pass, folded
                 before = conn.stats.copy()
@@ -357,8 +372,6 @@ def test_concurrent_walks_batched_at_the_servers_equal_greedy_alone(smollm2_serv
     """Exactness under load at test scale (4 streams × 8 tokens; `make bench-serving` runs 16 × 32
     against single-stream runs): walkers forked from one model, each on its own connections, at
     once; the servers batch their matmuls together; every stream equals plaintext greedy."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from stip.models.hf import greedy
     from stip.shares import one_thread
 

@@ -12,7 +12,11 @@ docstrings.
 from __future__ import annotations
 
 import ast
+import hashlib
+import json
+import os
 import re
+import sys
 import sysconfig
 from functools import lru_cache
 from pathlib import Path
@@ -29,11 +33,36 @@ def _clean(text: str) -> list[str]:
 
 @lru_cache(maxsize=1)
 def _docstrings() -> tuple[str, ...]:
+    """Every docstring of the standard library. Parsing it takes seconds, and every process
+    that reads text would pay them: the result is kept in the cache folder, under a key of this
+    install's version and its files' sizes and times."""
+    from .chat import cache_root
+
     root = Path(sysconfig.get_paths()["stdlib"])
+    files = [f for f in sorted(root.glob("*.py")) + sorted(root.glob("*/*.py"))
+             if not any(p in f.parts for p in ("test", "tests", "idlelib", "site-packages", "lib2to3", "turtledemo"))]  # fmt: skip
+    stamp = [sys.version, str(root)] + [(str(f.relative_to(root)), (st := f.stat()).st_size, st.st_mtime_ns) for f in files]
+    kept = cache_root() / "text" / f"docstrings-{hashlib.sha256(repr(stamp).encode()).hexdigest()[:16]}.json"
+    try:
+        docs = json.loads(kept.read_text(encoding="utf-8"))
+        if isinstance(docs, list) and all(isinstance(d, str) for d in docs):
+            return tuple(docs)
+    except (OSError, ValueError):
+        pass
+    out = _parse_docstrings(files)
+    try:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        tmp = kept.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(out), encoding="utf-8")
+        tmp.replace(kept)  # whole or not at all, with other processes writing the same file
+    except OSError:
+        pass  # a read-only cache: parse every time
+    return tuple(out)
+
+
+def _parse_docstrings(files: list[Path]) -> list[str]:
     out = []
-    for f in sorted(root.glob("*.py")) + sorted(root.glob("*/*.py")):
-        if any(p in f.parts for p in ("test", "tests", "idlelib", "site-packages", "lib2to3", "turtledemo")):
-            continue
+    for f in files:
         try:
             tree = ast.parse(f.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, OSError):
@@ -43,7 +72,7 @@ def _docstrings() -> tuple[str, ...]:
                 doc = ast.get_docstring(node)
                 if doc:
                     out.append(doc)
-    return tuple(out)
+    return out
 
 
 @lru_cache(maxsize=1)

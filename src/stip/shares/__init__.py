@@ -9,7 +9,15 @@ elements only. Frames on persistent TCP sockets (`protocol`); P3's side in `clie
 For private weights use STIP: here P3 sees every activation, so it could learn the weights.
 """
 
-from .client import Servers, SharesError, SharesModel, Stats, one_thread
-from .server import ShareServer
+import importlib
 
-__all__ = ["Servers", "SharesError", "SharesModel", "ShareServer", "Stats", "one_thread"]
+# Resolved on first use, so that a share server's process (P2) never imports P3's `client`.
+_HOME = {"Servers": "client", "SharesError": "client", "SharesModel": "client", "Stats": "client", "one_thread": "client",
+         "ShareServer": "server"}  # fmt: skip
+__all__ = list(_HOME)
+
+
+def __getattr__(name: str):
+    if name in _HOME:
+        return getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
