@@ -148,6 +148,20 @@ def test_sampling_is_repeatable_with_a_seed(gpt2_sealed, gpt2_server):
     assert a.token_ids == b.token_ids and len(a.token_ids) == 12
 
 
+def test_draw_follows_the_distribution_and_never_draws_a_zero():
+    """P3's one sampler (every engine's temperature > 0): rows drawn at their probabilities,
+    an id of probability 0 never, the same seed the same draws."""
+    import torch
+
+    from stip.models.hf import draw
+
+    p = torch.tensor([[0.0, 0.2, 0.0, 0.8, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0]], dtype=torch.float64)
+    got = torch.cat([draw(p, torch.Generator().manual_seed(i)) for i in range(4000)], 1)
+    counts = torch.stack([torch.bincount(row, minlength=5) for row in got]) / got.shape[1]
+    assert (counts - p).abs().max() < 0.03 and not counts[p == 0].any()
+    assert torch.equal(draw(p.repeat(20, 1), torch.Generator().manual_seed(1)), draw(p.repeat(20, 1), torch.Generator().manual_seed(1)))
+
+
 def test_sixteen_clients_in_parallel(minilm_server, minilm_sealed_dir, minilm_path):
     from test_minilm import SENTENCES
 

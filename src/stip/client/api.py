@@ -23,6 +23,7 @@ import httpx
 import torch
 
 from .. import tls, wire
+from ..models.hf import draw
 from ..wire import MEDIA_TYPE
 from .bundle import ClientBundle
 from .embed import IMAGE
@@ -327,7 +328,7 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Ge
         sorted_p, order = probs.sort(descending=True)
         keep = sorted_p.cumsum(0) - sorted_p < top_p  # smallest prefix with mass ≥ top_p
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=gen))
+    return int(draw(probs[None], gen))
 
 
 def _raise_for(r: httpx.Response) -> None:
