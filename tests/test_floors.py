@@ -12,7 +12,9 @@ MODELS = ("stip.models",)
 CORE = ("stip.keys", "stip.seal", "stip.serve", "stip.client", "stip.wire")
 ABOVE_CORE = ("stip.mpc", "stip.he", "stip.attacks", "stip.bench", "stip.cli", "stip.demo")
 P2 = ("stip.serve", "stip.shares.server", "stip.shares.batch", "stip.shares.protocol", "stip.shares.ring")
-P3_AND_SEALER = ("stip.client", "stip.shares.client", "stip.shares.engine", "stip.seal", "stip.keys")
+P3 = ("stip.client", "stip.shares.client", "stip.shares.engine")
+P3_AND_SEALER = (*P3, "stip.seal", "stip.keys")
+P2_ONLY = ("stip.serve", "stip.shares.server", "stip.shares.batch")  # protocol and ring: both sides' frames
 
 
 def _under(name: str, prefixes: tuple[str, ...]) -> bool:
@@ -68,6 +70,10 @@ def test_the_core_imports_no_baseline_attack_or_bench():
 @pytest.mark.parametrize("p2", P2)
 def test_p2_imports_nothing_of_p3_nor_the_sealer(p2):
     assert _broken((p2,), P3_AND_SEALER) == []
+
+
+def test_p3_imports_nothing_of_p2():
+    assert _broken(P3, P2_ONLY) == []
 
 
 def test_a_share_servers_process_loads_no_p3_code():
