@@ -26,13 +26,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import platform
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -68,21 +66,12 @@ def _measured(fn, pids: dict[str, int]) -> tuple[dict, dict]:
     return out, {k: tree_cpu_seconds(p) - before[k] for k, p in pids.items()}
 
 
-@contextlib.contextmanager
 def share_servers(src: Path, *flags: tuple[str, ...]):
     """One `stip share-server` process per tuple of extra flags, started side by side before
-    anything is measured: a start is seconds of mostly single-threaded loading, and a started
-    server waiting in accept costs nothing while another is measured."""
-    from stip.serve.process import ServerProcess
+    anything is measured; a started server waiting in accept costs nothing while another is measured."""
+    from stip.serve.process import ServerProcess, side_by_side
 
-    with ThreadPoolExecutor(len(flags)) as pool:
-        started = [pool.submit(ServerProcess, src, *f, command="share-server", timeout=300) for f in flags]
-    try:
-        yield [f.result() for f in started]
-    finally:
-        for f in started:
-            if f.exception() is None:
-                f.result().stop()
+    return side_by_side(*(lambda f=f: ServerProcess(src, *f, command="share-server", timeout=300) for f in flags))
 
 
 def capacity(servers: dict[str, object], step, levels: list[int], seconds: float, settle: float = SETTLE_S) -> dict:

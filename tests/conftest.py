@@ -184,12 +184,7 @@ def share_certs(tmp_path_factory):
 def smollm2_shares(smollm2_path, share_certs):
     """SmolLM2's S1 and S2 as processes over TLS; S2 on a port it can be restarted on. Started
     side by side: 20 s here against 29 s one after the other."""
-    from concurrent.futures import ThreadPoolExecutor
+    from stip.serve.process import side_by_side
 
-    with ThreadPoolExecutor(2) as pool:
-        s1, s2 = pool.map(lambda name: ShareServerProcess(smollm2_path, share_certs[name]), ("s1", "s2"))
-    try:
+    with side_by_side(*(lambda n=n: ShareServerProcess(smollm2_path, share_certs[n]) for n in ("s1", "s2"))) as (s1, s2):
         yield smollm2_path, s1, s2
-    finally:
-        s1.stop()
-        s2.stop()

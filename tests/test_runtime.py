@@ -162,6 +162,28 @@ def test_draw_follows_the_distribution_and_never_draws_a_zero():
     assert torch.equal(draw(p.repeat(20, 1), torch.Generator().manual_seed(1)), draw(p.repeat(20, 1), torch.Generator().manual_seed(1)))
 
 
+def test_servers_started_side_by_side_are_all_stopped_also_when_one_fails():
+    from stip.serve.process import side_by_side
+
+    class Fake:
+        stopped = 0
+
+        def stop(self):
+            self.stopped += 1
+
+    def broken():
+        raise RuntimeError("the share server did not start")
+
+    with side_by_side(Fake, Fake) as (a, b):
+        assert (a.stopped, b.stopped) == (0, 0)
+    assert (a.stopped, b.stopped) == (1, 1)
+    started = []
+    with pytest.raises(RuntimeError, match="did not start"):
+        with side_by_side(lambda: started.append(Fake()) or started[-1], broken):
+            pass
+    assert [f.stopped for f in started] == [1]
+
+
 def test_sixteen_clients_in_parallel(minilm_server, minilm_sealed_dir, minilm_path):
     from test_minilm import SENTENCES
 

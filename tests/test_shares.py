@@ -5,12 +5,10 @@ useless to the attack suite."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import openai
@@ -20,7 +18,7 @@ from hypothesis import given, settings, strategies as st
 
 from stip import tls, wire
 from stip.attacks import shares as attacks
-from stip.serve.process import ServerProcess
+from stip.serve.process import ServerProcess, side_by_side
 from stip.shares import Servers, SharesError, SharesModel, ShareServer, protocol, ring
 
 import harness
@@ -278,17 +276,9 @@ def _server(src, cert):
                          command="share-server", timeout=300)  # fmt: skip
 
 
-@contextlib.contextmanager
 def _servers(src, certs):
-    """S1 and S2, started side by side (a start is mostly single-threaded loading)."""
-    with ThreadPoolExecutor(2) as pool:
-        started = [pool.submit(_server, src, cert) for cert in certs]
-    try:
-        yield [f.result() for f in started]
-    finally:
-        for f in started:  # each that started is stopped, also when the other failed to
-            if f.exception() is None:
-                f.result().stop()
+    """S1 and S2, started side by side."""
+    return side_by_side(*(lambda c=c: _server(src, c) for c in certs))
 
 
 def _trust(certs) -> list:
@@ -372,6 +362,8 @@ def test_concurrent_walks_batched_at_the_servers_equal_greedy_alone(smollm2_serv
     """Exactness under load at test scale (4 streams × 8 tokens; `make bench-serving` runs 16 × 32
     against single-stream runs): walkers forked from one model, each on its own connections, at
     once; the servers batch their matmuls together; every stream equals plaintext greedy."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from stip.models.hf import greedy
     from stip.shares import one_thread
 

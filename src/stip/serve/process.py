@@ -7,18 +7,22 @@ free loopback port (demo, tests, benchmarks).
         openai.OpenAI(base_url=proxy.url + "/v1", api_key="-")
     with ServerProcess("minilm", command="share-server") as s1:   # s1.url: tcp://127.0.0.1:PORT
     with ServerProcess(out / "server", tls=("s.crt", "s.key")) as srv:   # srv.url: https://…, srv.pin
+    with side_by_side(lambda: ServerProcess(a, command="share-server"), lambda: ServerProcess(b, …)) as (s1, s2):
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import queue
 import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable, Iterator, TypeVar
 
 import httpx
 
@@ -26,6 +30,24 @@ from ..tls import Trust, TrustError, fingerprint, httpx_verify
 
 READY_PREFIX = "stip serve: listening on "
 HEALTH = {"serve": "/v1/health", "proxy": "/v1/models"}
+
+
+T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def side_by_side(*starts: Callable[[], T]) -> Iterator[list[T]]:
+    """The servers that ``starts`` start (each returns once its server is ready), started at
+    once: a start is seconds of mostly single-threaded loading. Each is stopped on exit; when one
+    fails to start, those that did are stopped and its error is raised."""
+    with ThreadPoolExecutor(len(starts)) as pool:
+        futures = [pool.submit(start) for start in starts]
+    try:
+        yield [f.result() for f in futures]
+    finally:
+        for f in futures:
+            if f.exception() is None:
+                f.result().stop()
 
 
 def ready_line(command: str) -> str:
