@@ -233,7 +233,7 @@ def train(base: str | Path, out: str | Path, *, steps: int = 300, rank: int = 16
 
     from .source import load_source
     from .text import corpus
-    from .train import _save, open_run
+    from .train import _atomic_write, _save, open_run
 
     out = Path(out)
     settings = {"base": str(base), "steps": steps, "rank": rank, "alpha": alpha, "lr": lr, "batch": batch, "length": length,
@@ -307,8 +307,6 @@ def train(base: str | Path, out: str | Path, *, steps: int = 300, rank: int = 16
                      "perplexity_base": base_ppl, "perplexity_adapted": adapted_ppl,
                      "change": adapted_ppl / base_ppl - 1},
     }  # fmt: skip
-    tmp = summary_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(summary_file)
+    _atomic_write(summary_file, json.dumps(summary, indent=2).encode())
     ck_file.unlink(missing_ok=True)
     return summary

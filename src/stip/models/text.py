@@ -14,7 +14,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import os
 import re
 import sys
 import sysconfig
@@ -51,10 +50,10 @@ def _docstrings() -> tuple[str, ...]:
         pass
     out = _parse_docstrings(files)
     try:
+        from .train import _atomic_write
+
         kept.parent.mkdir(parents=True, exist_ok=True)
-        tmp = kept.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(out), encoding="utf-8")
-        tmp.replace(kept)  # whole or not at all, with other processes writing the same file
+        _atomic_write(kept, json.dumps(out).encode("utf-8"))
     except OSError:
         pass  # a read-only cache: parse every time
     return tuple(out)

@@ -45,7 +45,8 @@ def open_run(out: Path, settings: dict, force: bool = False) -> None:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    """``path`` holds ``data`` whole or not at all, also when other processes write it at once."""
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
 
