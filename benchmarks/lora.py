@@ -58,7 +58,7 @@ def equality(path, adapter_dir, log) -> dict:
             p3 = SharesModel(path, conn, rounds, adapter_dir)
             for text in PROMPTS:
                 want, ref_logits, gaps, _ = refs[text]
-                g = p3.generate(ids[text], NEW_TOKENS, keep_logits=True)
+                g = p3.generate(ids[text], NEW_TOKENS, keep_logits=True, stop_at_eos=False)
                 first = next((i for i, (x, y) in enumerate(zip(g.token_ids, want)) if x != y), None)
                 n = len(g.token_ids) if first is None else first + 1  # logits compared up to the first divergence
                 err = max(float((x - y).abs().max()) for x, y in zip(g.logits[:n], ref_logits[:n]))

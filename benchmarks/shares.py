@@ -133,7 +133,7 @@ def smollm2(path, log) -> dict:
                     snaps.append(conn.stats.copy())
 
                 t0 = time.perf_counter()
-                g = p3.generate(ids, NEW_TOKENS, keep_logits=True, on_token=mark)
+                g = p3.generate(ids, NEW_TOKENS, keep_logits=True, on_token=mark, stop_at_eos=False)
                 first = next((i for i, (x, y) in enumerate(zip(g.token_ids, want)) if x != y), None)
                 err = max(float((a_ - b_).abs().max()) for a_, b_ in zip(g.logits, ref_logits))
                 prompts.append({"prompt": text, "prepared": prepared, "prompt_tokens": len(ids), "identical": first is None,
@@ -167,7 +167,7 @@ def _per_token(p3, conn, ids, steps: int, prepared: bool) -> dict:
     if prepared:
         conn.prepare(p3.plan(len(ids), steps + 1))
     marks, snaps = [], []
-    p3.generate(ids, steps + 1, on_token=lambda _t: (marks.append(time.perf_counter()), snaps.append(conn.stats.copy())))
+    p3.generate(ids, steps + 1, on_token=lambda _t: (marks.append(time.perf_counter()), snaps.append(conn.stats.copy())), stop_at_eos=False)
     ds = [snaps[i].since(snaps[i - 1]) for i in range(1, len(snaps))]
     server = 1 if prepared else 0
     return {"latency_s": statistics.median(marks[i] - marks[i - 1] for i in range(1, len(marks))),
@@ -262,7 +262,7 @@ def p3_alone(path, log) -> dict:
             steps = []
             for _ in range(2):  # the first warms up
                 off, marks = [0.0], []
-                p3.generate(ids, 17, on_token=lambda _t: marks.append((time.perf_counter(), off[0])))
+                p3.generate(ids, 17, on_token=lambda _t: marks.append((time.perf_counter(), off[0])), stop_at_eos=False)
                 steps = [(marks[i][0] - marks[i - 1][0]) - (marks[i][1] - marks[i - 1][1]) for i in range(1, len(marks))]
             out[rounds] = statistics.median(steps)
             log(f"  P3 alone, {rounds} rounds/layer: {out[rounds] * 1e3:.1f} ms per token")

@@ -175,12 +175,79 @@ def test_sampling_options_and_stop(client, model_id):
     assert ids.usage.prompt_tokens == 3 and ids.usage.completion_tokens == 3
 
 
+def _direct(engine, ids: list[int], **body) -> dict:
+    """The unsealed engine asked directly, by ids (logprobs keyed by id)."""
+    return httpx.post(f"{engine.url}/v1/completions", timeout=300, json={
+        "model": engine.name, "prompt": ids, "return_token_ids": True, "return_tokens_as_token_ids": True, **body}).json()  # fmt: skip
+
+
+def _by_id(top: dict) -> dict[int, float]:
+    return {int(k.rsplit(":", 1)[1]): v for k, v in top.items()}
+
+
+def test_logprobs_equal_the_unsealed_engines(client, model_id, unsealed_engine, tokenizer):
+    """Completions (logprobs 5, echo) and chat (top_logprobs 3) through the sealed path give the
+    unsealed engine's logprobs on the same vLLM within 1e-4, prompt included; the top ids,
+    restored through π_c, are the unsealed engine's."""
+    ids = _chat_ids(tokenizer, "Name a famous painter and one of his works.")
+    r = client.completions.create(model=model_id, prompt=ids, max_tokens=8, temperature=0, logprobs=5, echo=True,
+                                  extra_body={"ignore_eos": True, "return_token_ids": True})  # fmt: skip
+    d = _direct(unsealed_engine, ids, max_tokens=8, temperature=0, logprobs=5, echo=True, ignore_eos=True)["choices"][0]
+    got, want = r.choices[0].logprobs, d["logprobs"]
+    assert r.choices[0].token_ids == d["token_ids"]
+    assert len(got.token_logprobs) == len(want["token_logprobs"]) == len(ids) + 8
+    assert got.token_logprobs[0] is None and want["token_logprobs"][0] is None
+    diff = max(abs(a - b) for a, b in zip(got.token_logprobs[1:], want["token_logprobs"][1:]))
+    assert diff <= 1e-4, diff
+    for g, w in zip(got.top_logprobs[1:], want["top_logprobs"][1:]):
+        w = _by_id(w)
+        assert set(g) == {tokenizer.decode([t]) for t in w}
+        assert max(abs(g[tokenizer.decode([t])] - v) for t, v in w.items()) <= 1e-4
+    assert r.choices[0].text.startswith(tokenizer.decode(ids))
+
+    chat = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "Name a famous painter and one of his works."}],
+                                          max_tokens=8, temperature=0, logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})  # fmt: skip
+    d = _direct(unsealed_engine, ids, max_tokens=8, temperature=0, logprobs=3, ignore_eos=True)["choices"][0]
+    content = chat.choices[0].logprobs.content
+    assert [c.token for c in content] == [tokenizer.decode([t]) for t in d["token_ids"]]
+    assert max(abs(c.logprob - v) for c, v in zip(content, d["logprobs"]["token_logprobs"])) <= 1e-4
+    for c, w in zip(content, d["logprobs"]["top_logprobs"]):
+        best = sorted(_by_id(w).items(), key=lambda kv: -kv[1])[:3]
+        assert [t.token for t in c.top_logprobs] == [tokenizer.decode([t]) for t, _ in best]
+
+
+def test_n_choices_logit_bias_and_penalties_as_on_the_unsealed_engine(client, model_id, unsealed_engine, tokenizer):
+    """n = 3 gives 3 seeded, reproducible choices; a logit_bias that forbids the greedy token
+    and a frequency penalty change the answer exactly as they do on the unsealed engine."""
+    messages = [{"role": "user", "content": "Write one sentence about the sea."}]
+    kw = dict(model=model_id, messages=messages, max_tokens=12, temperature=1.0, n=3, seed=5)
+    a, b = client.chat.completions.create(**kw), client.chat.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    assert len({c.message.content for c in a.choices}) > 1
+
+    ids = _chat_ids(tokenizer, "Write one sentence about the sea.")
+    first = _direct(unsealed_engine, ids, max_tokens=1, temperature=0)["choices"][0]["token_ids"][0]
+    for extra in ({"logit_bias": {str(first): -100}}, {"frequency_penalty": 1.5}, {"presence_penalty": 1.0}):
+        sealed = client.completions.create(model=model_id, prompt=ids, max_tokens=16, temperature=0,
+                                           extra_body={"ignore_eos": True, "return_token_ids": True, **extra})  # fmt: skip
+        direct = _direct(unsealed_engine, ids, max_tokens=16, temperature=0, ignore_eos=True, **extra)["choices"][0]["token_ids"]
+        assert sealed.choices[0].token_ids == direct, extra
+    biased = client.completions.create(model=model_id, prompt=ids, max_tokens=1, temperature=0, logit_bias={str(first): -100},
+                                       extra_body={"return_token_ids": True})  # fmt: skip
+    assert biased.choices[0].token_ids[0] != first
+
+
 @pytest.mark.parametrize("body, status, param", [
     ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": 3}, 400, "temperature"),
     ({"messages": []}, 400, "messages"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, None),
-    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 17}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"x": 1}}, 400, "logit_bias"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"49152": 1}}, 400, "logit_bias"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 30, "logprobs": True}, 400, "top_logprobs"),
+    ({"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, 400, "max_tokens"),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"prompt": [1, 49152]}, 400, "prompt"),

@@ -133,7 +133,7 @@ def test_a_server_receives_the_same_ops_and_shapes_with_and_without_the_adapter(
         with server.listen() as a, other.listen() as b, Servers([a.address, b.address]) as conn:
             p3 = SharesModel(case.model, conn, rounds, adapter)
             assert conn.hellos[0]["fingerprint"] == ShareServer.from_model(case.model).fingerprint  # the base's
-            outputs[run] = p3.generate([1, 2, 3, 4], 6, keep_logits=True)
+            outputs[run] = p3.generate([1, 2, 3, 4], 6, keep_logits=True, stop_at_eos=False)
     assert seen["base"] == seen["adapted"] and len(seen["base"]) > 0
     assert not torch.allclose(torch.stack(outputs["base"].logits), torch.stack(outputs["adapted"].logits), atol=1e-2)
 

@@ -20,6 +20,7 @@ from PIL import Image
 import harness
 from stip import wire
 from stip.client.api import Client, KeyMismatch
+from stip.client.generation import Sampling
 from stip.models import default
 from stip.seal import load_source, seal_folder
 from stip.serve.process import ServerProcess
@@ -143,8 +144,8 @@ def test_greedy_generation_matches_transformers_generate(which, tmp_path_factory
 
 def test_sampling_is_repeatable_with_a_seed(gpt2_sealed, gpt2_server):
     with Client(gpt2_sealed[1] / "client", gpt2_server.url) as c:
-        a = c.generate([1, 2, 3], 12, greedy=False, temperature=0.8, top_p=0.9, seed=7)
-        b = c.generate([1, 2, 3], 12, greedy=False, temperature=0.8, top_p=0.9, seed=7)
+        a = c.generate([1, 2, 3], 12, Sampling(temperature=0.8, top_p=0.9, seed=7))
+        b = c.generate([1, 2, 3], 12, Sampling(temperature=0.8, top_p=0.9, seed=7))
     assert a.token_ids == b.token_ids and len(a.token_ids) == 12
 
 
@@ -404,3 +405,32 @@ def test_oversized_body_without_content_length(minilm_server):
     r = httpx.post(minilm_server.url + "/v1/forward", content=chunks(), headers=dict(OCTET, Authorization=f"Bearer {TOKEN}"), timeout=30)
     assert r.status_code == 413
     assert httpx.get(minilm_server.url + "/v1/health").status_code == 200
+
+
+def test_the_one_generation_loop_stops_bans_penalises_and_validates():
+    """`generation.generate`, every P3 engine's loop, on a fake engine whose logits favour id 0
+    (the stop id), then 1, then 2: min_tokens bans the stop id, a frequency penalty moves
+    greedy off a repeated id, logit_bias outranks the logits, bad settings are refused."""
+    from stip.client.generation import Sampling, generate
+
+    fed = []
+
+    def step(ids, offset, every):
+        fed.append((list(ids), offset))
+        row = torch.tensor([3.0, 2.0, 1.0, 0.0])
+        return row.repeat(len(ids), 1) if every else row[None]
+
+    assert generate(step, [3, 3], 5, vocab=4, stop={0}).token_ids == [0]
+    g = generate(step, [3, 3], 5, vocab=4, stop={0}, min_tokens=3)
+    assert g.token_ids == [1, 1, 1, 0] and g.finish_reason == "stop" and fed[-1] == ([1], 4)
+    assert generate(step, [3], 4, Sampling(frequency_penalty=1.5), vocab=4).token_ids == [0, 1, 0, 2]
+    assert generate(step, [3], 2, Sampling(logit_bias={3: 10.0}), vocab=4).token_ids == [3, 3]
+    g = generate(step, [3, 1], 2, Sampling(logprobs=2, prompt_logprobs=1), vocab=4)
+    want = float(torch.log_softmax(torch.tensor([3.0, 2.0, 1.0, 0.0], dtype=torch.float64), -1)[0])
+    assert g.logprobs[0].token == 0 and abs(g.logprobs[0].logprob - want) < 1e-12 and [t for t, _ in g.logprobs[0].top] == [0, 1]
+    assert g.prompt_logprobs[0] is None and g.prompt_logprobs[1].token == 1 and g.finish_reason == "length"
+    for bad in (dict(temperature=-1), dict(top_p=0), dict(frequency_penalty=3), dict(logit_bias={1: 101}), dict(logprobs=21)):
+        with pytest.raises(ValueError):
+            Sampling(**bad)
+    with pytest.raises(ValueError, match="logit_bias"):
+        generate(step, [3], 2, Sampling(logit_bias={9: 1.0}), vocab=4)

@@ -9,6 +9,7 @@ import json
 import socket
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import openai
@@ -103,7 +104,7 @@ def test_generation_with_p3s_cache_equals_the_full_forward(rounds, per_step):
     servers = [ShareServer.from_model(case.model) for _ in range(2)]
     with servers[0].listen() as a, servers[1].listen() as b, Servers([a.address, b.address]) as conn:
         p3 = SharesModel(case.model, conn, rounds)
-        g = p3.generate([1, 2, 3], 6, keep_logits=True)
+        g = p3.generate([1, 2, 3], 6, keep_logits=True, stop_at_eos=False)
         full = case.model(input_ids=torch.tensor([[1, 2, 3] + g.token_ids])).logits[0, 2:-1]
         assert torch.allclose(torch.stack(g.logits), full, atol=1e-4)
         assert g.token_ids == full.argmax(-1).tolist()
@@ -139,7 +140,7 @@ def test_an_older_server_without_the_folded_ops_is_named_and_4_rounds_still_work
     with servers[0].listen() as a, servers[1].listen() as b, Servers([a.address, b.address]) as conn:
         with pytest.raises(SharesError, match="--rounds 4"):
             SharesModel(case.model, conn)
-        assert SharesModel(case.model, conn, rounds=4).generate([1, 2], 2).token_ids
+        assert SharesModel(case.model, conn, rounds=4).generate([1, 2], 2, stop_at_eos=False).token_ids
     with pytest.raises(ValueError, match="4 or 2"):
         SharesModel(case.model, conn, rounds=3)
 
@@ -152,7 +153,7 @@ def test_prepared_masks_move_the_online_phase_to_one_server(rounds):
     servers = [ShareServer.from_model(case.model, observe=lambda op, x, i=i: seen[i].append(op)) for i in range(2)]
     with servers[0].listen() as a, servers[1].listen() as b, Servers([a.address, b.address]) as conn:
         p3 = SharesModel(case.model, conn, rounds)
-        want = p3.generate([1, 2, 3], 5, keep_logits=True)
+        want = p3.generate([1, 2, 3], 5, keep_logits=True, stop_at_eos=False)
         plan = p3.plan(3, 5)
         first, head = "0.qkv", "head"
         assert len(plan) == 5 * (4 * 2 + 1 if rounds == 4 else 2 * 2 + 2) and plan[0] == (first, 3) and plan[-1] == (head, 1)
@@ -162,7 +163,7 @@ def test_prepared_masks_move_the_online_phase_to_one_server(rounds):
         assert conn.prepared(first) == 3 + 4 and conn.prepared(head) == 5
         seen[0].clear(), seen[1].clear()
         before = conn.stats.copy()
-        got = p3.generate([1, 2, 3], 5, keep_logits=True)
+        got = p3.generate([1, 2, 3], 5, keep_logits=True, stop_at_eos=False)
         online = conn.stats.since(before)
         assert got.token_ids == want.token_ids
         assert torch.allclose(torch.stack(got.logits), torch.stack(want.logits), atol=1e-5)
@@ -319,6 +320,11 @@ def test_minilm_embeddings_through_two_share_server_processes(minilm_path, certs
         bad = subprocess.run([sys.executable, "-m", "stip.cli", "query", "minilm", "x", "--shares", f"{s1.url},{s2.url}",
                               "--pin", _pins(certs), "--rounds", "3"], capture_output=True, text=True, timeout=120)  # fmt: skip
         assert bad.returncode == 1 and "--rounds takes 2 or 4" in bad.stderr
+        with ServerProcess("minilm", "--shares", f"{s1.url},{s2.url}", "--pin", _pins(certs), command="proxy", timeout=300) as proxy:
+            client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="unused", max_retries=0, timeout=300)
+            got = client.embeddings.create(model=client.models.list().data[0].id, input=texts)  # the official client, unchanged
+        vectors = torch.tensor([d.embedding for d in got.data])
+        assert float(torch.nn.functional.cosine_similarity(vectors, emb, dim=-1).min()) >= 0.9999
 
 
 @pytest.fixture(scope="module")
@@ -349,7 +355,7 @@ def test_smollm2_greedy_is_identical_and_logits_within_1e_3(smollm2_servers, smo
                                         (4, 4 * 30 + 1, "Name three primary colours.")):  # fmt: skip
             p3, steps = SharesModel(path, conn, rounds), []
             prompt = _chat(p3.tokenizer, text)
-            g = p3.generate(prompt, 12, keep_logits=True, on_token=lambda _t: steps.append(conn.stats.rounds))
+            g = p3.generate(prompt, 12, keep_logits=True, on_token=lambda _t: steps.append(conn.stats.rounds), stop_at_eos=False)
             assert {b - a for a, b in zip(steps, steps[1:])} == {per_token}
             with torch.no_grad():
                 ref = smollm2_plain(input_ids=torch.tensor([prompt + g.token_ids])).logits[0, len(prompt) - 1 : -1]
@@ -385,18 +391,19 @@ def test_the_engine_runs_up_to_streams_generations_at_once():
     stream gets its whole answer, and no more walkers exist than ``streams``."""
     import asyncio
 
+    from stip.client.generation import Ask
     from stip.shares.engine import SharesEngine
 
     case = harness.llama_case(dict(heads=2, kv_heads=1, head_dim=4, layers=1, ffn=8, vocab=16, batch=1, seq=2,
                                    lengths=[2], seed=0))  # fmt: skip
     with ShareServer.from_model(case.model).listen() as s1, ShareServer.from_model(case.model).listen() as s2:
         engine = SharesEngine(SharesModel(case.model, Servers([s1.address, s2.address])), streams=2)
-        want = [engine.model.generate([1, 2, i], 5, temperature=0).token_ids for i in range(3)]
+        want = [engine.model.generate([1, 2, i], 5, stop_at_eos=False).token_ids for i in range(3)]
 
         async def one(i):
             out = []
-            async for ids, reason in engine.generate({"prompt": [1, 2, i], "max_tokens": 5, "temperature": 0, "ignore_eos": True}):
-                out += ids
+            async for piece in engine.generate(Ask([1, 2, i], 5)):
+                out += piece.ids
             return out
 
         async def run():
@@ -433,7 +440,7 @@ def test_smollm2_with_an_adapter_trained_here_equals_peft_merged(smollm2_servers
         for rounds, text in ((2, "What is the capital of France?"), (4, "Name three primary colours.")):
             p3 = SharesModel(path, conn, rounds, adapter)
             prompt = _chat(p3.tokenizer, text)
-            g = p3.generate(prompt, 12, keep_logits=True, min_tokens=12)
+            g = p3.generate(prompt, 12, keep_logits=True, stop_at_eos=False)
             with torch.no_grad():
                 ref = merged(input_ids=torch.tensor([prompt + g.token_ids])).logits[0, len(prompt) - 1 : -1]
                 base = smollm2_plain(input_ids=torch.tensor([prompt + g.token_ids])).logits[0, len(prompt) - 1 : -1]
@@ -471,6 +478,45 @@ def test_openai_client_through_stip_proxy_in_shares_mode(smollm2_servers, smollm
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == r.choices[0].message.content
         with pytest.raises(openai.BadRequestError):
             client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], max_tokens=10**9)
+
+        # logprobs (P3's own), n, logit_bias: as the plaintext model gives them
+        ids = _chat(tok, question)
+        lp = client.completions.create(model=model, prompt=ids, max_tokens=4, temperature=0, logprobs=3, echo=True,
+                                       extra_body={"ignore_eos": True, "return_token_ids": True}).choices[0]  # fmt: skip
+        with torch.no_grad():
+            every = torch.log_softmax(smollm2_plain(input_ids=torch.tensor([ids + lp.token_ids])).logits[0].double(), -1)
+        whole = ids + lp.token_ids
+        want = every[torch.arange(len(whole) - 1), whole[1:]]
+        got = torch.tensor(lp.logprobs.token_logprobs[1:], dtype=torch.float64)
+        assert lp.logprobs.token_logprobs[0] is None and lp.token_ids == want_ids(smollm2_plain, ids, 4)
+        LOGPROB_ERRORS.append(float((got - want).abs().max()))
+        assert LOGPROB_ERRORS[-1] <= LOGPROB_TOLERANCE, LOGPROB_ERRORS
+        warnings.warn(f"shares mode through the proxy: logprobs within {LOGPROB_ERRORS[-1]:.1e} of plaintext")
+        for top, row in zip(lp.logprobs.top_logprobs[len(ids):], every[len(ids) - 1 :]):
+            assert {tok.decode([t]) for t in row.topk(3).indices.tolist()} <= set(top)
+        kw = dict(model=model, prompt=ids, max_tokens=6, temperature=1.0, n=3, seed=9, extra_body={"ignore_eos": True})
+        a, b = client.completions.create(**kw), client.completions.create(**kw)
+        assert [c.index for c in a.choices] == [0, 1, 2] and [c.text for c in a.choices] == [c.text for c in b.choices]
+        first = lp.token_ids[0]
+        biased = client.completions.create(model=model, prompt=ids, max_tokens=4, temperature=0, logit_bias={str(first): -100},
+                                           extra_body={"ignore_eos": True, "return_token_ids": True}).choices[0].token_ids  # fmt: skip
+        assert biased[0] != first and biased == want_ids(smollm2_plain, ids, 4, {first: -100.0})
+
+
+LOGPROB_TOLERANCE = 1e-3  # shares mode's fixed point (2^-16 on Z_2^64) against float32 plaintext
+LOGPROB_ERRORS: list[float] = []
+
+
+@torch.no_grad()
+def want_ids(model, ids: list[int], n: int, bias: dict[int, float] = {}) -> list[int]:
+    """Plaintext greedy with a logit bias, the whole sequence each step."""
+    out = list(ids)
+    for _ in range(n):
+        logits = model(input_ids=torch.tensor([out])).logits[0, -1].double()
+        for t, b in bias.items():
+            logits[t] += b
+        out.append(int(logits.argmax()))
+    return out[len(ids):]
 
 
 # --- what a server's view gives the attacks --------------------------------------------------------

@@ -62,10 +62,10 @@ def test_tls_links_with_pins_compute_what_plain_tcp_does(tls_pair, certs):
     model, (a, b), _ = tls_pair
     prompt = [3, 1, 4, 1, 5]
     with Servers([a.address, b.address], token=TOKEN, trust=_pins(certs, "s1", "s2")) as conn:
-        over_tls = SharesModel(model, conn).generate(prompt, 6).token_ids
+        over_tls = SharesModel(model, conn).generate(prompt, 6, stop_at_eos=False).token_ids
     with ShareServer.from_model(model).listen() as p, ShareServer.from_model(model).listen() as q:
         with Servers([p.address, q.address.replace("127.0.0.1", "localhost")]) as conn:
-            plain = SharesModel(model, conn).generate(prompt, 6).token_ids
+            plain = SharesModel(model, conn).generate(prompt, 6, stop_at_eos=False).token_ids
     assert over_tls == plain
 
 
@@ -111,7 +111,7 @@ def test_the_token_and_the_shares_never_cross_the_wire_in_the_clear(tls_pair, ce
         with Relay((host, port), capture=True) as relay:
             s1 = a.address if secure else ShareServer.from_model(model, token=TOKEN).listen().address
             with Servers([s1, relay.address], token=TOKEN, trust=trust) as conn:
-                SharesModel(model, conn).generate([2, 7, 1], 3)
+                SharesModel(model, conn).generate([2, 7, 1], 3, stop_at_eos=False)
             up = relay.captured["up"]
         assert (TOKEN.encode() in up) is not secure  # the capture does see a clear token on plain TCP
         assert (b'"op":"0.qkv"' in up) is not secure
@@ -132,7 +132,7 @@ def test_p3_fails_over_between_replicas_and_loses_nothing():
     with ShareServer.from_model(model).listen() as s1, ShareServer.from_model(model).listen() as s2a, \
             ShareServer.from_model(model).listen() as s2b:  # fmt: skip
         with Servers([s1.address, f"{s2a.address}|{s2b.address}"]) as conn:
-            ref = SharesModel(model, conn).generate(prompt, n).token_ids
+            ref = SharesModel(model, conn).generate(prompt, n, stop_at_eos=False).token_ids
         with Servers([s1.address, f"{s2a.address}|{s2b.address}"], retry_seconds=10) as conn:
             p3 = SharesModel(model, conn)
             killed = []
@@ -142,7 +142,7 @@ def test_p3_fails_over_between_replicas_and_loses_nothing():
                     killed.append(conn.addresses[1])
                     s2a.close()  # the replica in use goes away mid-generation
 
-            got = p3.generate(prompt, n, on_token=on_token).token_ids
+            got = p3.generate(prompt, n, on_token=on_token, stop_at_eos=False).token_ids
             assert conn.addresses[1] == s2b.address and conn.stats.reconnects >= 1
     assert killed == [s2a.address] and got == ref
 
@@ -160,7 +160,7 @@ def test_sigterm_drains_a_replica_and_p3_moves_on_losing_nothing(tmp_path, certs
     try:
         parties = [s1.address, f"{s2a.address}|{s2b.address}"]
         with Servers(parties, token=TOKEN, trust=_pins(certs, "s1", "s2")) as conn:
-            ref = SharesModel(model, conn).generate([6, 1, 3], 8).token_ids
+            ref = SharesModel(model, conn).generate([6, 1, 3], 8, stop_at_eos=False).token_ids
         with Servers(parties, token=TOKEN, trust=_pins(certs, "s1", "s2"), retry_seconds=10) as conn:
             p3, stopped = SharesModel(model, conn), []
 
@@ -168,7 +168,7 @@ def test_sigterm_drains_a_replica_and_p3_moves_on_losing_nothing(tmp_path, certs
                 if not stopped:
                     stopped.append(s2a.proc.send_signal(signal.SIGTERM))
 
-            got = p3.generate([6, 1, 3], 8, on_token=on_token).token_ids
+            got = p3.generate([6, 1, 3], 8, on_token=on_token, stop_at_eos=False).token_ids
             assert conn.addresses[1] == s2b.address
         assert s2a.proc.wait(10) == 0 and got == ref
         log = s2a.logged()
@@ -187,7 +187,7 @@ def test_a_replica_with_other_weights_is_not_used():
             p3 = SharesModel(a, conn)
             s2.close()
             with pytest.raises(ConnectionError, match="lost the share server S2"):
-                p3.generate([1, 2], 2)
+                p3.generate([1, 2], 2, stop_at_eos=False)
 
 
 def _free_port() -> int:
@@ -219,7 +219,7 @@ def test_kill_9_of_s2_mid_generation_then_a_restart_loses_no_token(smollm2_share
                 s2.kill9()  # S2 dies with the next matmul about to be sent
                 restart.start()
 
-        got = p3.generate(prompt, 10, on_token=on_token).token_ids
+        got = p3.generate(prompt, 10, on_token=on_token, stop_at_eos=False).token_ids
         restart.join()
         assert conn.stats.reconnects >= 1
     assert got == ref
@@ -265,7 +265,7 @@ def test_killing_a_replica_behind_haproxy_loses_no_token(tmp_path, certs):
         with HAProxy({p: [r.address for r in rs] for p, rs in replicas.items()}) as lb:
             parties = [lb.address("s1"), lb.address("s2")]
             with Servers(parties, trust=_pins(certs, "s1", "s2")) as conn:
-                ref = SharesModel(model, conn).generate([4, 2, 8], 10).token_ids
+                ref = SharesModel(model, conn).generate([4, 2, 8], 10, stop_at_eos=False).token_ids
             with Servers(parties, trust=_pins(certs, "s1", "s2"), retry_seconds=20) as conn:
                 p3, dead = SharesModel(model, conn), []
 
@@ -276,7 +276,7 @@ def test_killing_a_replica_behind_haproxy_loses_no_token(tmp_path, certs):
                             if r.address in dead:
                                 r.kill9()
 
-                got = p3.generate([4, 2, 8], 10, on_token=on_token).token_ids
+                got = p3.generate([4, 2, 8], 10, on_token=on_token, stop_at_eos=False).token_ids
                 assert len(dead) == 2 and conn.stats.reconnects >= 2
             assert got == ref
     finally:

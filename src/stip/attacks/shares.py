@@ -67,7 +67,7 @@ def observe(model, prompts: list[list[int]], layers=(0,), new_tokens: int = 1, r
         for p in prompts:
             current[0], current[1] = {}, {}
             if p3.cfg.causal:
-                p3.generate(p, new_tokens)
+                p3.generate(p, new_tokens, stop_at_eos=False)
             else:
                 p3.forward(torch.tensor([p]))
             for i in range(2):

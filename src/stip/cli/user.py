@@ -22,8 +22,8 @@ ADAPTER_HELP = ("Shares mode: a PEFT LoRA adapter folder (stip train lora) that 
 
 @app.command()
 def proxy(
-    client_dir: Path = typer.Argument(..., metavar="OUT/client|SRC", help="The client folder of a token-mode sealing (stip seal --mode tokens); with --shares, the public model (a local HF folder, or smollm2)."),
-    upstream: Optional[str] = typer.Option(None, "--upstream", help="The cloud's engine: vLLM's OpenAI server holding OUT/server, e.g. https://10.0.0.5:8000 (with --pin or --ca)"),
+    client_dir: Path = typer.Argument(..., metavar="OUT/client|SRC", help="A sealing's client folder: token mode (vLLM upstream) or embedding mode (a `stip serve` upstream: LMs and encoders, /v1/embeddings); with --shares, the public model (a local HF folder, or smollm2)."),
+    upstream: Optional[str] = typer.Option(None, "--upstream", help="The cloud's engine holding OUT/server: vLLM's OpenAI server (token mode) or `stip serve` (embedding mode), e.g. https://10.0.0.5:8000 (with --pin or --ca)"),
     shares: Optional[str] = typer.Option(None, "--shares", metavar="S1,S2", help="Shares mode instead: the two share servers' HOST:PORT (stip share-server), e.g. 10.0.0.5:7001,10.1.0.7:7001"),
     upstream_token_file: Optional[Path] = typer.Option(None, "--upstream-token-file", help="File holding the bearer token the engine expects (vLLM --api-key), or the share servers' token."),
     host: str = typer.Option("127.0.0.1", help="Address to bind; keep it on loopback: the proxy sees prompts in the clear."),
@@ -35,7 +35,7 @@ def proxy(
     rounds: int = typer.Option(2, "--rounds", min=2, max=4, help=ROUNDS_HELP),
     adapter: Optional[Path] = typer.Option(None, "--adapter", metavar="DIR", help=ADAPTER_HELP),
     prepare_tokens: int = typer.Option(0, "--prepare-tokens", min=0, help="Shares mode: keep masks for this many positions prepared with S1 in the background, so that requests mostly ask S2 alone (0: off)."),
-    streams: int = typer.Option(8, "--streams", min=1, max=256, help="Shares mode: generations at once, each on its own pair of connections (opened when first needed); more requests wait."),
+    streams: int = typer.Option(8, "--streams", min=1, max=256, help="Shares mode and `stip serve` upstreams: requests at once (shares mode: each on its own pair of connections, opened when first needed); more wait."),
     pin: Optional[str] = typer.Option(None, "--pin", help=PIN_HELP.replace("server's", "upstream's")),
     ca: Optional[Path] = typer.Option(None, "--ca", help=CA_HELP),
     tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="PEM certificate for the proxy's own HTTPS (stip tls-cert makes one), TLS 1.3 only."),
@@ -46,12 +46,14 @@ def proxy(
 
     Point any OpenAI client at http://HOST:PORT/v1. Chat templates and tokenization run here.
     Token mode (--upstream): only token ids renamed by the secret π_c reach the engine, and
-    the ids it returns are restored and detokenized here. Shares mode (--shares): the proxy
+    the ids it returns are restored and detokenized here. Embedding mode (--upstream, a
+    `stip serve`): rows are permuted here and the generation loop runs here. Shares mode (--shares): the proxy
     runs the public model itself, and each share server sees only additive shares of the
     weight-matmul inputs."""
     from .. import tls
     from ..client.bundle import InvalidBundle
-    from ..client.proxy import Upstream, create_app
+    from ..client.bundle import TOKENS
+    from ..client.proxy import Local, Sealed, Upstream, create_app
     from ..keys import InvalidKey
 
     if (upstream is None) == (shares is None):
@@ -69,8 +71,14 @@ def proxy(
         else:
             trust = (trusts(pin, ca) or [None])[0]
             plain_warning(upstream, insecure)
-            up = Upstream(upstream, token=token, timeout=timeout, model=upstream_model, trust=trust, insecure=insecure)
-            api = create_app(client_dir, up, model_name=model_name, max_tokens_limit=max_tokens_limit)
+            local = Local.sealed(client_dir)
+            if local.mode != TOKENS:  # an embedding-mode sealing: `stip serve` upstream; generation loops here
+                from ..client.api import Client
+
+                engine = Sealed(Client(client_dir, upstream, token=token, timeout=timeout, trust=trust, insecure=insecure), streams)
+            else:
+                engine = Upstream(upstream, token=token, timeout=timeout, model=upstream_model, trust=trust, insecure=insecure)
+            api = create_app(local, engine, model_name=model_name, max_tokens_limit=max_tokens_limit)
     except (InvalidBundle, InvalidKey, OSError, ValueError) as e:
         fail(str(e))
     from contextlib import nullcontext
@@ -259,8 +267,8 @@ def generate(
     public model with the share servers (2 round trips per layer, --rounds), KV cache here."""
     import json
 
-    sampling = any(v is not None for v in (temperature, top_p, seed))
-    if greedy and sampling:
+    sampled = any(v is not None for v in (temperature, top_p, seed))
+    if greedy and sampled:
         fail("--greedy cannot be combined with --temperature, --top-p or --seed")
     if (prompt is None) == (ids is None):
         fail("give a PROMPT or --ids, not both")
@@ -272,23 +280,20 @@ def generate(
         fail("give --server (STIP) or --shares (shares mode), not both")
     if adapter is not None and shares is None:
         fail("--adapter is for shares mode (--shares)")
+    from ..client.generation import Sampling
+
+    try:  # temperature 0: greedy, the default
+        sampling = Sampling((temperature if temperature is not None else 1.0) if sampled else 0.0,
+                            top_p if top_p is not None else 1.0, seed)  # fmt: skip
+    except ValueError as e:
+        fail(str(e))
     if shares is not None:
-        t = (temperature if temperature is not None else 1.0) if sampling else 0.0  # 0: greedy
-        _generate_shares(client_dir, prompt_in, shares, read_token(token_file), max_new_tokens, t,
-                         top_p if top_p is not None else 1.0, seed, as_json, pin, ca, insecure, rounds, adapter)
+        _generate_shares(client_dir, prompt_in, shares, read_token(token_file), max_new_tokens, sampling, as_json, pin, ca, insecure,
+                         rounds, adapter)  # fmt: skip
         return
     c = _client(client_dir, server, token_file, pin, ca, insecure)
     with c:
-        r = _run_client(
-            lambda: c.generate(
-                prompt_in,
-                max_new_tokens,
-                greedy=not sampling,
-                temperature=temperature if temperature is not None else 1.0,
-                top_p=top_p if top_p is not None else 1.0,
-                seed=seed,
-            )
-        )
+        r = _run_client(lambda: c.generate(prompt_in, max_new_tokens, sampling))
         if as_json:
             print(json.dumps({"text": r.text, "token_ids": r.token_ids}))
         else:
@@ -297,8 +302,7 @@ def generate(
         err.print(f"{len(r.token_ids)} tokens, {s.requests} round trips, {s.bytes_up} B up, {s.bytes_down} B down")
 
 
-def _generate_shares(src, prompt, shares, token, max_new_tokens, temperature, top_p, seed, as_json, pin, ca, insecure, rounds=2,
-                     adapter=None) -> None:  # fmt: skip
+def _generate_shares(src, prompt, shares, token, max_new_tokens, sampling, as_json, pin, ca, insecure, rounds=2, adapter=None) -> None:
     import json
 
     from ..shares import SharesError, one_thread
@@ -306,13 +310,10 @@ def _generate_shares(src, prompt, shares, token, max_new_tokens, temperature, to
     m = _shares_model(src, shares, token, pin=pin, ca=ca, insecure=insecure, rounds=rounds, adapter=adapter)
     with m.servers, one_thread():
         try:
-            ids = prompt if isinstance(prompt, list) else m.tokenizer(prompt)["input_ids"]
-            eos = getattr(m.config, "eos_token_id", None)
-            stop = set(eos if isinstance(eos, list) else [eos]) - {None}
-            g = m.generate(ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop)
+            g = m.generate(prompt, max_new_tokens, sampling)
         except (SharesError, ConnectionError, ValueError) as e:
             fail(str(e))
-        text = m.tokenizer.decode(g.token_ids, skip_special_tokens=True) if isinstance(prompt, str) else None
+        text = g.text
         if as_json:
             print(json.dumps({"text": text, "token_ids": g.token_ids}))
         else:

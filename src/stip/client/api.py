@@ -14,19 +14,20 @@ from __future__ import annotations
 
 import ssl
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
 import httpx
 import torch
 
 from .. import tls, wire
-from ..models.hf import draw
 from ..wire import MEDIA_TYPE
 from .bundle import ClientBundle
 from .embed import IMAGE
+from .generation import Generation, Sampling, generate
 
 
 class ServerError(RuntimeError):
@@ -64,13 +65,6 @@ class Encoding:
 class Classification:
     logits: torch.Tensor  # (batch, labels) or (batch, tokens, labels) for token classification
     labels: list
-
-
-@dataclass
-class Generation:
-    text: str | None
-    token_ids: list[int]  # the new tokens only
-    prompt_ids: list[int] = field(default_factory=list)
 
 
 class Client:
@@ -202,9 +196,12 @@ class Client:
 
     def encode(self, texts: list[str]) -> Encoding:
         """Hidden states and a sentence embedding (mean pooling, L2-normalised)."""
+        return self.encode_inputs(self._text(texts))
+
+    def encode_inputs(self, inputs: dict[str, torch.Tensor]) -> Encoding:
+        """`encode` on ids already tokenized: ``input_ids``, ``attention_mask`` (+ ``token_type_ids``)."""
         from ..models.default import mean_pool
 
-        inputs = self._text(texts)
         out = self.forward(inputs)
         if "last_hidden_state" not in out:
             raise ValueError(f"{self.info()['architecture']} returns {sorted(out)}, not hidden states; use classify()")
@@ -229,59 +226,54 @@ class Client:
         self,
         prompt: str | list[int],
         max_new_tokens: int = 32,
+        sampling: Sampling = Sampling(),
         *,
-        greedy: bool = True,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
         stop_at_eos: bool = True,
+        min_tokens: int = 0,
         on_token: Callable[[int], None] | None = None,
     ) -> Generation:
-        """Sample locally, one round trip per new token; the KV cache stays on the server.
-        ``on_token`` is called with each new token id as it arrives (streaming, timing)."""
+        """Sample locally (`generation.generate`: greedy unless ``sampling`` says otherwise),
+        one round trip per new token; the KV cache stays on the server. ``on_token`` is called
+        with each new token id as it arrives (streaming, timing)."""
         info = self.info()
         if not info["causal"]:
             raise ValueError(f"{info['architecture']} is not a causal language model")
-        if max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
-        if not greedy and (temperature <= 0 or not 0 < top_p <= 1):
-            raise ValueError("sampling needs temperature > 0 and 0 < top_p ≤ 1")
         ids = list(prompt) if not isinstance(prompt, str) else self.tokenizer(prompt)["input_ids"]
-        if not ids:
-            raise ValueError("empty prompt")
         limit = info.get("max_positions")
         if limit and len(ids) + max_new_tokens > limit:
             raise ValueError(f"prompt ({len(ids)}) + max_new_tokens ({max_new_tokens}) exceeds the model's {limit} positions")
-        eos = getattr(self.bundle.config, "eos_token_id", None) if stop_at_eos else None
-        eos = set(eos if isinstance(eos, list) else [eos]) - {None}
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        b = self.bundle
+        with self.engine() as step:
+            g = generate(step, ids, max_new_tokens, sampling, vocab=self.vocab, stop=_eos(self.bundle.config) if stop_at_eos else frozenset(),
+                         min_tokens=min_tokens, on_token=on_token)  # fmt: skip
+        g.text = self.tokenizer.decode(g.token_ids, skip_special_tokens=True) if self._has_tokenizer() else None
+        return g
 
-        def embed(tokens: list[int], offset: int) -> torch.Tensor:
-            return b.permuted_embeddings(torch.tensor([tokens]), position_offset=offset)
+    @property
+    def vocab(self) -> int:
+        return len(self.bundle.key.pi_c)
 
-        def pick(permuted_logits: torch.Tensor) -> int:
-            logits = b.unpermute_outputs({"logits": permuted_logits})["logits"][0]
-            if greedy:
-                return int(logits.argmax())
-            return sample(logits, temperature, top_p, gen)
+    @contextmanager
+    def engine(self) -> Iterator[Callable[[list[int], int, bool], torch.Tensor]]:
+        """One generation's `generation.Engine`: a session on the server, which holds its KV
+        cache, closed on exit. Each step sends permuted rows and un-permutes the logits here."""
+        b, session = self.bundle, []
 
-        out, meta = self._post("/v1/sessions", {"embeddings": self._local(embed, ids, 0)})
-        sid = meta["session"]
-        new: list[int] = []
+        def step(tokens: list[int], offset: int, every: bool) -> torch.Tensor:
+            x = {"embeddings": self._local(b.permuted_embeddings, torch.tensor([tokens]), position_offset=offset)}
+            if session:
+                out, _ = self._post(f"/v1/sessions/{session[0]}/step", x)
+            else:
+                out, meta = self._post("/v1/sessions", x)
+                session.append(meta["session"])
+            if every:  # a session answers the last position only: one more pass for the prompt's logits
+                return self.forward({"input_ids": torch.tensor([tokens])})["logits"][0]
+            return self._local(lambda: b.unpermute_outputs({"logits": out["logits"]})["logits"])  # (1, vocab): the last position
+
         try:
-            while True:
-                token = self._local(pick, out["logits"])
-                new.append(token)
-                if on_token is not None:
-                    on_token(token)
-                if token in eos or len(new) == max_new_tokens:
-                    break
-                out, _ = self._post(f"/v1/sessions/{sid}/step", {"embeddings": self._local(embed, [token], len(ids) + len(new) - 1)})
+            yield step
         finally:
-            self.http.delete(f"/v1/sessions/{sid}")
-        text = self.tokenizer.decode(new, skip_special_tokens=True) if self._has_tokenizer() else None
-        return Generation(text, new, ids)
+            if session:
+                self.http.delete(f"/v1/sessions/{session[0]}")
 
     def _has_tokenizer(self) -> bool:
         try:
@@ -321,16 +313,6 @@ def link_verify(url: str, trust: tls.Trust | None, insecure: bool, what: str) ->
         raise ConnectionError(f"cannot reach {what} at {where} over TLS 1.3: {e.strerror or e}") from None
 
 
-def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
-    """One token id from real logits: temperature, then nucleus (top-p) sampling."""
-    probs = torch.softmax(logits.double() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < top_p  # smallest prefix with mass ≥ top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-    return int(draw(probs[None], gen))
-
-
 def _raise_for(r: httpx.Response) -> None:
     if r.status_code < 400:
         return
@@ -339,3 +321,8 @@ def _raise_for(r: httpx.Response) -> None:
     except (ValueError, KeyError, TypeError):
         message = r.text[:200]
     raise ServerError(r.status_code, message)
+
+
+def _eos(config) -> set[int]:
+    eos = getattr(config, "eos_token_id", None)
+    return set(eos if isinstance(eos, list) else [eos]) - {None}

@@ -3,36 +3,42 @@
 Applications speak OpenAI to the proxy on loopback, unchanged. For each request the proxy
 
     applies the chat template and tokenizes (locally)      text → ids
-    renames the ids by π_c                                 ids → the names P2 knows
-    asks the engine for ids (vLLM /v1/completions, a token-id prompt, token ids back)
-    restores the returned ids, detokenizes, applies stop strings, answers in OpenAI's format.
+    names the ids as the engine knows them (`Local`)      π_c in token mode; as they are otherwise
+    asks its `Engine` for an `Ask`, reads `Piece`s back    ids, logprobs, finish reasons
+    restores every id, detokenizes, applies stop strings, answers in OpenAI's format.
 
-No text crosses the wire, only renamed ids. Sampling (temperature, top-p, seed) runs in the
-engine on the permuted logits: softmax and nucleus sampling do not depend on the order of
-the vocabulary. Stop strings are matched here, on the text, since the engine never sees it.
-
-In shares mode (``stip proxy SRC --shares S1,S2``) the engine is `stip.shares.engine`: P3's
-own loop over the public model with two share servers, on real ids; everything above the
-engine is the same.
+Three engines, one interface:
+    `Upstream`     vLLM on a token-mode sealing: token-id prompts, ids back (logprobs by id);
+                   sampling, penalties and logit_bias run in the engine on the renamed logits
+                   (softmax, nucleus sampling and id counts do not depend on the ids' names)
+    `Sealed`       `stip serve` on an embedding-mode sealing: P3's loop (`generation.walk`)
+                   here, one STIP session per choice; encoders answer /v1/embeddings
+    `stip.shares.engine.SharesEngine`   P3's loop over the public model with two share servers
 
     GET  /v1/models               the one model this client folder belongs to
-    POST /v1/completions          prompt: a string or a list of token ids
-    POST /v1/chat/completions     messages → the model's own chat template
-Both POSTs stream as server-sent events with ``"stream": true``.
+    POST /v1/completions          prompt: text, token ids, or a list of either; n, logprobs, echo
+    POST /v1/chat/completions     messages → the model's own chat template; n, logprobs, top_logprobs
+    POST /v1/embeddings           an encoder's sentence embeddings (float or base64)
+Completions and chat share one path (`_Job` → `events` → `answer`); both stream as
+server-sent events with ``"stream": true``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Callable, Literal, Union
+from typing import AsyncIterator, Callable, Literal, Protocol, Union
 
 import httpx
+import torch
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -42,10 +48,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import tls
 from .api import link_verify
 from .bundle import TOKENS, ClientBundle
+from .generation import MAX_LOGPROBS, Ask, Piece, Sampling, TokenLogprob
 
 log = logging.getLogger("stip.proxy")
 SERVED_PREFIX = "stip-"  # as stip.serve.vllm names a sealing (the core never imports serve)
 DEFAULT_MAX_TOKENS = 4096  # a chat request that names no max_tokens stops here at the latest
+MAX_N = 16  # choices per prompt
+MAX_PROMPTS = 64  # prompts per completions or embeddings request
 
 
 # --- OpenAI request bodies ------------------------------------------------------------------------
@@ -61,19 +70,20 @@ class _Sampling(BaseModel):
     stop: Union[str, list[str], None] = Field(None, description="Up to 4 strings; matched on the text by the proxy.")
     stream: bool = False
     stream_options: dict | None = None
-    n: Literal[1] = Field(1, description="Only 1 is supported.")
-    frequency_penalty: Literal[0, 0.0] | None = Field(None, description="Only 0 is supported.")
-    presence_penalty: Literal[0, 0.0] | None = Field(None, description="Only 0 is supported.")
+    n: int = Field(1, ge=1, le=MAX_N, description="Choices per prompt.")
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = Field(None, description="Token id → bias in -100…100; renamed by π_c here.")
     ignore_eos: bool = Field(False, description="vLLM extension: keep generating past the end-of-text token.")
     min_tokens: int = Field(0, ge=0, description="vLLM extension: generate at least this many tokens.")
     return_token_ids: bool = Field(False, description="vLLM extension: also return the generated token ids (real ids; they stay local).")
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[int], list[str]] = Field(description="Text, a list of token ids, or a list of one text.")
+    prompt: Union[str, list[int], list[str], list[list[int]]] = Field(description="Text, token ids, or a list of either.")
     max_tokens: int | None = Field(16, ge=1)
-    echo: Literal[False] = False
-    logprobs: None = None
+    echo: bool = Field(False, description="Return the prompt before the completion (and, with logprobs, its logprobs).")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="The chosen token's logprob and the k likeliest.")
     suffix: None = None
 
 
@@ -93,7 +103,17 @@ class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: Literal[False] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    input: Union[str, list[str], list[int], list[list[int]]] = Field(description="Text, token ids, or a list of either.")
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: None = None
 
 
 # --- errors in OpenAI's shape -----------------------------------------------------------------------
@@ -132,7 +152,62 @@ ERRORS = {s: {"model": ErrorBody, "description": d} for s, d in {
 }.items()}
 
 
-# --- the upstream engine ---------------------------------------------------------------------------
+# --- the engines ------------------------------------------------------------------------------------
+
+
+class Engine(Protocol):
+    """What the proxy holds. Each speaks in the ids it knows (`Local` renames them):
+    `Upstream` (vLLM on a token-mode sealing), `Sealed` (`stip serve` on an embedding-mode
+    one, this process driving the generation loop) and `stip.shares.engine.SharesEngine`."""
+
+    async def check(self, local: "Local") -> None:
+        """Refuse (ProxyError) an engine that serves another model than ``local``'s."""
+
+    def generate(self, ask: Ask) -> AsyncIterator[Piece]: ...
+
+    async def embed(self, inputs: dict) -> torch.Tensor:
+        """Sentence embeddings (batch, hidden) of tokenized text, for an encoder."""
+
+    async def close(self) -> None: ...
+
+
+def threaded(pool: ThreadPoolExecutor, run: Callable[[Callable[[Piece], None]], None]) -> AsyncIterator[Piece]:
+    """Stream the pieces ``run(emit)`` emits from a worker thread. When the consumer leaves
+    early, the next ``emit`` raises, which ends ``run`` (and its generation)."""
+
+    async def pieces():
+        loop, queue, gone = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
+
+        def emit(piece: Piece) -> None:
+            if gone.is_set():
+                raise _Gone
+            loop.call_soon_threadsafe(queue.put_nowait, piece)
+
+        def work():
+            try:
+                run(emit)
+            except _Gone:
+                pass
+            except BaseException as e:  # noqa: BLE001 — handed to the consumer
+                loop.call_soon_threadsafe(queue.put_nowait, e)
+                return
+            loop.call_soon_threadsafe(queue.put_nowait, None)
+
+        task = loop.run_in_executor(pool, work)
+        try:
+            while (item := await queue.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            gone.set()
+            await task
+
+    return pieces()
+
+
+class _Gone(Exception):
+    pass
 
 
 @dataclass
@@ -148,6 +223,7 @@ class Upstream:
     trust: tls.Trust | None = None
     insecure: bool = False
     http: httpx.AsyncClient = field(init=False)
+    fingerprint: str = field(init=False, default="")  # the sealing this proxy's client folder belongs to
 
     def __post_init__(self):
         verify = link_verify(self.url, self.trust, self.insecure, "the upstream engine")
@@ -155,8 +231,16 @@ class Upstream:
         limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
         self.http = httpx.AsyncClient(base_url=self.url.rstrip("/"), headers=headers, timeout=self.timeout, limits=limits, verify=verify)
 
-    async def served_model(self, fingerprint: str) -> str:
+    async def check(self, local: "Local") -> None:
+        self.fingerprint = local.fingerprint
+        await self.served_model()
+
+    async def embed(self, inputs: dict) -> torch.Tensor:
+        raise ProxyError(400, "a token-mode sealing is a language model: it has no embeddings endpoint", param="model")
+
+    async def served_model(self) -> str:
         if self.model is None:
+            fingerprint = self.fingerprint
             r = await self._send("GET", "/v1/models")
             names = [m.get("id") for m in r.json().get("data", [])]
             ours = f"{SERVED_PREFIX}{fingerprint[:16]}"
@@ -184,11 +268,16 @@ class Upstream:
         _raise_upstream(r)
         return r
 
-    async def generate(self, body: dict) -> AsyncIterator[tuple[list[int], str | None]]:
-        """Stream (new ids, finish reason) from /v1/completions. Leaving the loop early closes
-        the connection, which aborts the request in the engine."""
+    async def generate(self, ask: Ask) -> AsyncIterator[Piece]:
+        """``ask`` as one streamed /v1/completions call on token ids. Logprobs come keyed by
+        id (``return_tokens_as_token_ids``), so the engine needs no tokenizer; with prompt
+        logprobs, the engine echoes the prompt's. Leaving the loop early closes the
+        connection, which aborts the request in the engine."""
+        body = _vllm_body(ask)
+        body["model"] = await self.served_model()
+        echoed: set[int] = set()
         with self._transport():
-            async with self.http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            async with self.http.stream("POST", "/v1/completions", json=body) as r:
                 if r.status_code >= 400:
                     await r.aread()
                     _raise_upstream(r)
@@ -201,8 +290,14 @@ class Upstream:
                     chunk = json.loads(data)
                     if "error" in chunk:
                         raise ProxyError(502, f"upstream error: {chunk['error'].get('message', chunk['error'])}", "upstream_error")
-                    for choice in chunk.get("choices", []):
-                        yield list(choice.get("token_ids") or []), choice.get("finish_reason")
+                    for c in chunk.get("choices", []):
+                        i, ids = int(c.get("index", 0)), list(c.get("token_ids") or [])
+                        logprobs, prompt = _vllm_logprobs(c.get("logprobs")), None
+                        if ask.sampling.prompt_logprobs is not None and i not in echoed:
+                            echoed.add(i)
+                            cut = len(logprobs) - len(ids)
+                            prompt, logprobs = [None, *logprobs[1:cut]], logprobs[cut:]
+                        yield Piece(i, ids, logprobs, c.get("finish_reason"), prompt)
 
     async def close(self) -> None:
         await self.http.aclose()
@@ -221,33 +316,75 @@ def _raise_upstream(r: httpx.Response) -> None:
     raise ProxyError(502, f"upstream answered {r.status_code}: {message}", "upstream_error")
 
 
+def _vllm_body(ask: Ask) -> dict:
+    s = ask.sampling
+    body = {"prompt": ask.prompt, "max_tokens": ask.max_tokens, "n": ask.n, "stream": True, "temperature": s.temperature,
+            "top_p": s.top_p, "return_token_ids": True, "min_tokens": ask.min_tokens, "skip_special_tokens": False,
+            "ignore_eos": not ask.stop}  # fmt: skip
+    if ask.stop:
+        body["stop_token_ids"] = sorted(ask.stop)
+    if s.seed is not None:
+        body["seed"] = s.seed
+    if s.presence_penalty:
+        body["presence_penalty"] = s.presence_penalty
+    if s.frequency_penalty:
+        body["frequency_penalty"] = s.frequency_penalty
+    if s.logit_bias:
+        body["logit_bias"] = {str(t): b for t, b in s.logit_bias.items()}
+    if s.logprobs is not None or s.prompt_logprobs is not None:
+        body["logprobs"] = max(s.logprobs or 0, s.prompt_logprobs or 0)
+        body["return_tokens_as_token_ids"] = True
+    if s.prompt_logprobs is not None:
+        body["echo"] = True  # the prompt's logprobs come first in each choice's first chunk
+    return body
+
+
+def _token_id(name: str) -> int:
+    return int(name.rsplit(":", 1)[1])  # "token_id:123"
+
+
+def _vllm_logprobs(lp: dict | None) -> list[TokenLogprob | None]:
+    if not lp:
+        return []
+    out = []
+    for name, value, top in zip(lp["tokens"], lp["token_logprobs"], lp.get("top_logprobs") or [None] * len(lp["tokens"])):
+        ranked = sorted(((_token_id(k), v) for k, v in (top or {}).items()), key=lambda kv: -kv[1])
+        out.append(None if value is None else TokenLogprob(_token_id(name), value, ranked))
+    return out
+
+
 # --- text in, text out -------------------------------------------------------------------------------
 
 
 class Detokenizer:
-    """Incremental detokenization: text grows as ids arrive; a trailing partial UTF-8
-    character is held back until its next byte's token comes."""
+    """Incremental detokenization, O(1) per token: each new id is decoded in a short window
+    after the text already final (decoding the whole output each time is O(n²) per stream).
+    A trailing partial UTF-8 character is held back until its next byte's token comes."""
 
     def __init__(self, tokenizer, stops: list[str]):
         self.tok, self.stops = tokenizer, stops
         self.ids: list[int] = []
         self.text = ""
+        self.start = self.read = 0  # the window: ids[start:read] decode to text already final
         self.sent = 0  # characters already handed out
         self.stopped = False
+        self.hold = max((len(s) - 1 for s in stops), default=0)  # a stop string may be starting
 
     def add(self, ids: list[int]) -> str:
         """The newly final text after ``ids``; sets ``stopped`` when a stop string appears."""
+        before = len(self.text)
         self.ids += ids
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            text = text[:-1]
-        self.text = text
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        done = self.tok.decode(self.ids[self.start : self.read], skip_special_tokens=True)
+        window = self.tok.decode(self.ids[self.start :], skip_special_tokens=True)
+        if len(window) > len(done) and not window.endswith("\ufffd"):
+            self.text += window[len(done) :]
+            self.start, self.read = self.read, len(self.ids)
+        look = max(0, before - self.hold)  # only where a stop string could newly end
+        cut = min((i for i in (self.text.find(s, look) for s in self.stops) if i >= 0), default=-1)
         if cut >= 0:
             self.stopped = True
             return self._take(cut)
-        hold = max((len(s) - 1 for s in self.stops), default=0)  # a stop string may be starting
-        return self._take(max(self.sent, len(text) - hold))
+        return self._take(max(self.sent, len(self.text) - self.hold))
 
     def finish(self) -> str:
         return "" if self.stopped else self._take(len(self.text))
@@ -267,14 +404,76 @@ def _stops(stop: str | list[str] | None) -> list[str]:
     return stops
 
 
+# --- the engine for `stip serve` ----------------------------------------------------------------------
+
+
+class Sealed:
+    """`stip serve` on an embedding-mode sealing, reached through P3's `api.Client`: the
+    generation loop (`generation.walk`) runs here, one STIP session per choice, and encoders
+    answer /v1/embeddings. Up to ``streams`` requests run at once."""
+
+    def __init__(self, client, streams: int = 8):
+        self.client = client
+        self.pool = ThreadPoolExecutor(streams, thread_name_prefix="stip-proxy")
+
+    async def _call(self, fn, *args):
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        except Exception as e:
+            raise _from_client(e) from None
+
+    async def check(self, local: "Local") -> None:
+        await self._call(self.client.info)
+
+    def generate(self, ask: Ask) -> AsyncIterator[Piece]:
+        from .generation import walk
+
+        def run(emit):
+            try:
+                walk(self.client.engine, ask, self.client.vocab, emit)
+            except _Gone:
+                raise
+            except Exception as e:
+                raise _from_client(e) from None
+
+        return threaded(self.pool, run)
+
+    async def embed(self, inputs: dict) -> torch.Tensor:
+        return (await self._call(self.client.encode_inputs, inputs)).embedding
+
+    async def close(self) -> None:
+        self.pool.shutdown(wait=False)
+        self.client.close()
+
+
+def _from_client(e: Exception) -> Exception:
+    """A `Client` failure as the status the proxy's caller gets."""
+    from .api import KeyMismatch, ServerError
+
+    if isinstance(e, ProxyError):
+        return e
+    if isinstance(e, ServerError):
+        return ProxyError(400, f"the server refused the request: {e.message}") if 400 <= e.status < 500 and e.status not in (401, 403) \
+            else ProxyError(502, f"upstream answered {e.status}: {e.message}", "upstream_error")  # fmt: skip
+    if isinstance(e, KeyMismatch):
+        return ProxyError(502, str(e), "upstream_error")
+    if isinstance(e, httpx.TimeoutException):
+        return ProxyError(504, "the upstream server timed out", "upstream_timeout")
+    if isinstance(e, (httpx.TransportError, ConnectionError, OSError)):
+        return ProxyError(502, f"the upstream server is unreachable or failed ({type(e).__name__})", "upstream_error")
+    if isinstance(e, ValueError):
+        return ProxyError(400, str(e))
+    return e
+
+
 # --- the app -----------------------------------------------------------------------------------------
 
 
 @dataclass
 class Local:
     """What the proxy reads from the user's folder: tokenizer and config, and how token ids
-    are named towards the engine (π_c for a token-mode sealing; unchanged in shares mode,
-    where the engine is P3's own loop)."""
+    are named towards the engine (π_c for a token-mode sealing; unchanged otherwise: an
+    embedding-mode engine gets permuted rows, and shares mode runs P3's own loop)."""
 
     folder: Path
     config: object
@@ -282,21 +481,37 @@ class Local:
     vocab: int
     rename_ids: Callable[[list[int]], list[int]] = list
     restore_ids: Callable[[list[int]], list[int]] = list
+    mode: str = "shares"  # or the sealing's: "tokens", "embeddings"
 
     @classmethod
     def sealed(cls, client_dir: str | Path) -> "Local":
         bundle = ClientBundle.load(client_dir)
         if bundle.mode != TOKENS:
-            raise ValueError(f"{client_dir} was sealed in {bundle.mode} mode; the proxy serves token-mode sealings (stip seal --mode tokens)")
-        return cls(Path(client_dir), bundle.config, bundle.fingerprint, len(bundle.key.pi_c), bundle.rename_ids, bundle.restore_ids)
+            return cls(Path(client_dir), bundle.config, bundle.fingerprint, bundle.config.vocab_size, mode=bundle.mode)
+        return cls(Path(client_dir), bundle.config, bundle.fingerprint, len(bundle.key.pi_c), bundle.rename_ids, bundle.restore_ids, TOKENS)
+
+    @property
+    def causal(self) -> bool:
+        from ..models.blocks import CAUSAL_TYPES
+
+        return self.config.model_type in CAUSAL_TYPES
 
 
-def create_app(
-    local: Local | str | Path, upstream: Upstream, *, model_name: str | None = None, max_tokens_limit: int | None = None
-) -> FastAPI:
-    """The proxy for one token-mode client folder (or a `Local` with any engine that has
-    Upstream's ``served_model``, ``generate`` and ``close``). ``max_tokens_limit`` caps what a
-    request may ask for (default: the model's context)."""
+@dataclass
+class _Job:
+    """One request, parsed: the prompts (real ids), what to ask for each, and how to answer."""
+
+    chat: bool
+    prompts: list[list[int]]
+    asks: list[Ask]
+    stops: list[str]
+    echo: bool = False
+    logprobs: int | None = None  # completions: k; chat: top_logprobs (0 when only logprobs)
+
+
+def create_app(local: Local | str | Path, engine: Engine, *, model_name: str | None = None, max_tokens_limit: int | None = None) -> FastAPI:
+    """The proxy for one client folder, in front of ``engine`` (see `Engine`). ``max_tokens_limit``
+    caps what a request may ask for (default: the model's context)."""
     from transformers import AutoTokenizer
 
     local = local if isinstance(local, Local) else Local.sealed(local)
@@ -304,15 +519,17 @@ def create_app(
     vocab = local.vocab
     name = model_name or local.config.model_type + "-" + local.fingerprint[:8]
     eos = getattr(local.config, "eos_token_id", None)
-    eos_ids = [e for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int)]
+    eos_ids = frozenset(e for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int))
     max_positions = getattr(local.config, "max_position_embeddings", None) or getattr(local.config, "n_positions", None)
     created = int(time.time())
+    checked = asyncio.Lock()
+    state = {"checked": False}
 
     app = FastAPI(
         title="stip proxy (P3)",
         version="1",
         description="An OpenAI-compatible endpoint on the user's machine. Prompts are tokenized here; only "
-        "token ids renamed by the user's secret π_c reach the cloud's engine.",
+        "token ids renamed by the user's secret π_c, permuted rows, or additive shares reach the cloud.",
     )
 
     @app.exception_handler(ProxyError)
@@ -336,9 +553,18 @@ def create_app(
         log.exception("internal error")
         return _error(500, "internal proxy error", "server_error")
 
+    # --- requests → jobs -------------------------------------------------------------------------
+
     def check_model(requested: str) -> None:
         if requested != name:
             raise ProxyError(404, f"the model {requested!r} does not exist; this proxy serves {name!r}", "not_found_error", "model")
+
+    async def ready() -> None:
+        if not state["checked"]:
+            async with checked:
+                if not state["checked"]:
+                    await engine.check(local)
+                    state["checked"] = True
 
     def chat_ids(req: ChatRequest) -> list[int]:
         messages = [{"role": "system" if m.role == "developer" else m.role,
@@ -352,21 +578,38 @@ def create_app(
             raise ProxyError(400, f"the chat template rejects these messages: {e}", param="messages") from None
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
-    def completion_ids(req: CompletionRequest) -> list[int]:
-        p = req.prompt
-        if isinstance(p, list) and p and all(isinstance(t, str) for t in p):
-            if len(p) != 1:
-                raise ProxyError(400, "one prompt per request (n and batched prompts are not supported)", param="prompt")
-            p = p[0]
-        if isinstance(p, str):
-            return tokenizer(p)["input_ids"]
-        if any(not 0 <= t < vocab for t in p):
-            raise ProxyError(400, f"token ids must lie in 0..{vocab - 1}", param="prompt")
-        return list(p)
+    def id_lists(p, what: str) -> list[list[int]]:
+        """A string, token ids, or a list of either, as lists of ids."""
+        items = p if isinstance(p, list) and p and not isinstance(p[0], int) else [p]
+        if len(items) > MAX_PROMPTS:
+            raise ProxyError(400, f"at most {MAX_PROMPTS} inputs per request", param=what)
+        out = []
+        for item in items:
+            ids = tokenizer(item)["input_ids"] if isinstance(item, str) else list(item)
+            if not ids:
+                raise ProxyError(400, f"the {what} is empty", param=what)
+            if any(not 0 <= t < vocab for t in ids):
+                raise ProxyError(400, f"token ids must lie in 0..{vocab - 1}", param=what)
+            out.append(ids)
+        return out
 
-    def upstream_body(req: _Sampling, ids: list[int], max_tokens: int | None) -> dict:
-        if not ids:
-            raise ProxyError(400, "the prompt is empty", param="prompt")
+    def sampling(req: _Sampling, logprobs: int | None, prompt_logprobs: int | None) -> Sampling:
+        bias = {}
+        for key, value in (req.logit_bias or {}).items():
+            try:
+                t = int(key)
+            except ValueError:
+                raise ProxyError(400, f"logit_bias keys are token ids, not {key[:20]!r}", param="logit_bias") from None
+            if not 0 <= t < vocab:
+                raise ProxyError(400, f"logit_bias names token {t}; ids lie in 0..{vocab - 1}", param="logit_bias")
+            bias[local.rename_ids([t])[0]] = value
+        try:
+            return Sampling(req.temperature, req.top_p, req.seed, req.presence_penalty or 0.0, req.frequency_penalty or 0.0, bias,
+                            logprobs, prompt_logprobs)  # fmt: skip
+        except ValueError as e:
+            raise ProxyError(400, str(e), param="logit_bias" if "logit_bias" in str(e) else None) from None
+
+    def ask(req: _Sampling, ids: list[int], max_tokens: int | None, s: Sampling) -> Ask:
         room = max_positions - len(ids) if max_positions else None
         if room is not None and room < 1:
             raise ProxyError(400, f"the prompt has {len(ids)} tokens; the model takes at most {max_positions}", param="prompt")
@@ -378,46 +621,189 @@ def create_app(
             raise ProxyError(400, f"max_tokens ({max_tokens}) exceeds this proxy's limit of {max_tokens_limit}", param="max_tokens")
         if req.min_tokens > max_tokens:
             raise ProxyError(400, "min_tokens exceeds max_tokens", param="min_tokens")
-        body = {
-            "prompt": local.rename_ids(ids),
-            "max_tokens": max_tokens,
-            "temperature": req.temperature,
-            "top_p": req.top_p,
-            "return_token_ids": True,
-            "ignore_eos": req.ignore_eos,
-            "min_tokens": req.min_tokens,
-            "skip_special_tokens": False,
-        }
-        if eos_ids and not req.ignore_eos:
-            body["stop_token_ids"] = local.rename_ids(eos_ids)
-        if req.seed is not None:
-            body["seed"] = req.seed
-        return body
+        stop = frozenset() if req.ignore_eos else frozenset(local.rename_ids(sorted(eos_ids)))
+        return Ask(local.rename_ids(ids), max_tokens, s, req.n, stop, req.min_tokens)
 
-    async def run(req: _Sampling, ids: list[int], max_tokens: int | None) -> AsyncIterator[tuple[str, str | None, list[int]]]:
-        """(text delta, finish reason or None, the new real ids) as the engine goes."""
-        body = upstream_body(req, ids, max_tokens)
-        body["model"] = await upstream.served_model(local.fingerprint)
-        detok = Detokenizer(tokenizer, _stops(req.stop))
-        finish = None
-        gen = upstream.generate(body)
+    def generative() -> None:
+        if not local.causal:
+            raise ProxyError(400, f"{name} is an encoder: use /v1/embeddings", param="model")
+
+    def completion_job(req: CompletionRequest) -> _Job:
+        check_model(req.model)
+        generative()
+        prompts = id_lists(req.prompt, "prompt")
+        s = sampling(req, req.logprobs, req.logprobs if req.echo and req.logprobs is not None else None)
+        return _Job(False, prompts, [ask(req, ids, req.max_tokens, s) for ids in prompts], _stops(req.stop), req.echo, req.logprobs)
+
+    def chat_job(req: ChatRequest) -> _Job:
+        check_model(req.model)
+        generative()
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ProxyError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        k = (req.top_logprobs or 0) if req.logprobs else None
+        ids = chat_ids(req)
+        return _Job(True, [ids], [ask(req, ids, req.max_completion_tokens or req.max_tokens, sampling(req, k, None))], _stops(req.stop), logprobs=k)
+
+    # --- jobs → OpenAI's answers -----------------------------------------------------------------
+
+    def token_text(t: int) -> str:
+        return tokenizer.decode([t])
+
+    def completion_logprobs(entries: list[TokenLogprob | None], offset: int, ids: list[int] | None = None) -> dict:
+        """OpenAI's completions block; an entry of None (the first prompt id, ``ids[i]``) has no logprob."""
+        tokens, values, tops, offsets = [], [], [], []
+        for i, e in enumerate(entries):
+            text = token_text(e.token if e is not None else ids[i])
+            tokens.append(text)
+            values.append(None if e is None else e.logprob)
+            tops.append(None if e is None else {token_text(t): v for t, v in [*e.top, (e.token, e.logprob)]})
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+    def chat_logprobs(entries: list[TokenLogprob]) -> dict:
+        def one(t, v):
+            text = token_text(t)
+            return {"token": text, "logprob": v, "bytes": list(text.encode("utf-8"))}
+
+        return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, v) for t, v in e.top]} for e in entries]}
+
+    def restore(piece: Piece) -> Piece:
+        def back(entries):
+            return [None if e is None else TokenLogprob(local.restore_ids([e.token])[0], e.logprob,
+                                                        list(zip(local.restore_ids([t for t, _ in e.top]), (v for _, v in e.top))))
+                    for e in entries]  # fmt: skip
+
+        return Piece(piece.choice, local.restore_ids(piece.ids), back(piece.logprobs), piece.finish,
+                     None if piece.prompt_logprobs is None else back(piece.prompt_logprobs))  # fmt: skip
+
+    async def pieces(job: _Job) -> AsyncIterator[tuple[int, Piece]]:
+        """Every prompt's pieces as they come, with the choice's index in the answer (prompt
+        p, choice c → p·n + c, as OpenAI numbers them). Leaving early stops every engine call."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def one(p: int, a: Ask):
+            try:
+                async for piece in engine.generate(a):
+                    await queue.put((p * a.n + piece.choice, restore(piece)))
+            except BaseException as e:  # noqa: BLE001 — handed to the consumer
+                await queue.put(e)
+                return
+            await queue.put(None)
+
+        await ready()
+        tasks = [asyncio.ensure_future(one(p, a)) for p, a in enumerate(job.asks)]
         try:
-            async for new, reason in gen:
-                real = local.restore_ids(new)
-                delta = detok.add(real)
-                if detok.stopped:
-                    finish = "stop"
-                    yield delta, None, real
-                    break
-                finish = reason or finish
-                if delta or real:
-                    yield delta, None, real
+            left = len(tasks)
+            while left:
+                item = await queue.get()
+                if item is None:
+                    left -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
         finally:
-            await gen.aclose()  # closes the upstream stream: the engine aborts the request
-        yield detok.finish(), finish or "length", []
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
-    def usage(prompt: int, completion: int) -> dict:
+    async def events(job: _Job) -> AsyncIterator[dict]:
+        """The answer as OpenAI's choice deltas, one dict per change of one choice: text
+        (stop strings applied), real ids, logprobs, and at the end its finish reason."""
+        n = job.asks[0].n
+        detoks = [Detokenizer(tokenizer, job.stops) for _ in range(len(job.prompts) * n)]
+        done = [False] * len(detoks)
+        counts = [0] * len(detoks)
+        offsets = [0] * len(detoks)
+        echoed = [not job.echo] * len(detoks)
+        stream = pieces(job)
+        try:
+            async for i, piece in stream:
+                if done[i]:
+                    continue
+                out: dict = {"index": i, "text": "", "ids": [], "finish": None}
+                if not echoed[i]:
+                    echoed[i] = True
+                    prompt = job.prompts[i // n]
+                    out["text"] = tokenizer.decode(prompt, skip_special_tokens=False)
+                    offsets[i] = len(out["text"])
+                    if job.logprobs is not None and piece.prompt_logprobs is not None:
+                        out["logprobs"] = completion_logprobs(piece.prompt_logprobs, 0, prompt)
+                d = detoks[i]
+                if piece.ids:
+                    counts[i] += len(piece.ids)
+                    out["text"] += d.add(piece.ids)
+                    out["ids"] = piece.ids
+                    if job.logprobs is not None:
+                        lp = piece.logprobs
+                        if job.chat:
+                            out["logprobs"] = chat_logprobs(lp)
+                        else:
+                            more = completion_logprobs(lp, offsets[i])
+                            offsets[i] = more["text_offset"][-1] + len(more["tokens"][-1]) if more["tokens"] else offsets[i]
+                            out["logprobs"] = _join(out.get("logprobs"), more)
+                    if d.stopped:
+                        done[i], out["finish"] = True, "stop"
+                if piece.finish and not done[i]:
+                    out["text"] += d.finish()
+                    done[i], out["finish"] = True, "stop" if piece.finish == "stop" else "length"
+                out["completion_tokens"] = counts[i]
+                yield out
+                if all(done):
+                    return
+        finally:
+            await stream.aclose()
+        for i in range(len(detoks)):  # an engine that ended a choice without saying why
+            if not done[i]:
+                yield {"index": i, "text": detoks[i].finish(), "ids": [], "finish": "length", "completion_tokens": counts[i]}
+
+    def usage(job: _Job, completion: int) -> dict:
+        prompt = sum(len(p) for p in job.prompts)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def choice(job: _Job, i: int, text: str, finish, ids, logprobs, stream: bool, return_ids: bool) -> dict:
+        if job.chat:
+            body = {"delta": {"content": text} if text else {}} if stream else {"message": {"role": "assistant", "content": text}}
+            c = {"index": i, **body, "logprobs": logprobs, "finish_reason": finish}
+        else:
+            c = {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        return {**c, "token_ids": ids} if return_ids else c
+
+    async def answer(req: _Sampling, job: _Job):
+        rid = f"{'chatcmpl' if job.chat else 'cmpl'}-{uuid.uuid4().hex}"
+        head = {"id": rid, "object": "chat.completion" if job.chat else "text_completion", "created": int(time.time()), "model": name}
+        stream = await first_then_rest(events(job))
+        if req.stream:
+            include_usage = bool((req.stream_options or {}).get("include_usage"))
+            head["object"] = "chat.completion.chunk" if job.chat else "text_completion"
+
+            async def chunks():
+                if job.chat:
+                    for i in range(len(job.prompts) * job.asks[0].n):
+                        yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+                counts = {}
+                async for e in stream:
+                    counts[e["index"]] = e["completion_tokens"]
+                    if e["text"] or e["finish"] or (e["ids"] and req.return_token_ids) or e.get("logprobs"):
+                        yield {**head, "choices": [choice(job, e["index"], e["text"], e["finish"], e["ids"], e.get("logprobs"), True, req.return_token_ids)]}
+                if include_usage:
+                    yield {**head, "choices": [], "usage": usage(job, sum(counts.values()))}
+
+            return sse(chunks())
+        acc: dict[int, dict] = {}
+        async for e in stream:
+            a = acc.setdefault(e["index"], {"text": [], "ids": [], "logprobs": None, "finish": None, "n": 0})
+            a["text"].append(e["text"])
+            a["ids"] += e["ids"]
+            a["finish"] = e["finish"] or a["finish"]
+            a["n"] = e["completion_tokens"]
+            if e.get("logprobs"):
+                a["logprobs"] = _join(a["logprobs"], e["logprobs"])
+        choices = [choice(job, i, "".join(a["text"]), a["finish"], a["ids"],
+                          a["logprobs"] if job.logprobs is not None else None, False, req.return_token_ids)
+                   for i, a in sorted(acc.items())]  # fmt: skip
+        return {**head, "choices": choices, "usage": usage(job, sum(a["n"] for a in acc.values()))}
 
     def sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
         async def events():
@@ -433,24 +819,21 @@ def create_app(
     async def first_then_rest(gen: AsyncIterator) -> AsyncIterator:
         """Start the generator before answering, so that refusals (bad request, engine down)
         still get a proper status code rather than an error inside a 200 stream."""
-        first = await gen.__anext__()
+        try:
+            first = await gen.__anext__()
+        except StopAsyncIteration:
+            first = None
 
         async def rest():
+            if first is None:
+                return
             yield first
             async for item in gen:
                 yield item
 
         return rest()
 
-    async def collect(parts) -> tuple[str, str | None, list[int]]:
-        text, finish, got = [], None, []
-        async for delta, finish, new in parts:
-            text.append(delta)
-            got += new
-        return "".join(text), finish, got
-
-    def with_ids(choice: dict, new: list[int], req: _Sampling) -> dict:
-        return {**choice, "token_ids": new} if req.return_token_ids else choice
+    # --- routes ----------------------------------------------------------------------------------
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -458,60 +841,48 @@ def create_app(
 
     @app.post("/v1/completions", responses=ERRORS)
     async def completions(req: CompletionRequest):
-        check_model(req.model)
-        ids = completion_ids(req)
-        rid, t = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        parts = await first_then_rest(run(req, ids, req.max_tokens))
-        if req.stream:
-            include_usage = bool((req.stream_options or {}).get("include_usage"))
-
-            async def chunks():
-                n = 0
-                async for delta, finish, new in parts:
-                    n += len(new)
-                    if delta or finish or (new and req.return_token_ids):
-                        choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}
-                        yield {"id": rid, "object": "text_completion", "created": t, "model": name,
-                               "choices": [with_ids(choice, new, req)]}  # fmt: skip
-                if include_usage:
-                    yield {"id": rid, "object": "text_completion", "created": t, "model": name, "choices": [], "usage": usage(len(ids), n)}
-
-            return sse(chunks())
-        text, finish, got = await collect(parts)
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        return {"id": rid, "object": "text_completion", "created": t, "model": name,
-                "choices": [with_ids(choice, got, req)], "usage": usage(len(ids), len(got))}  # fmt: skip
+        return await answer(req, completion_job(req))
 
     @app.post("/v1/chat/completions", responses=ERRORS)
     async def chat_completions(req: ChatRequest):
+        return await answer(req, chat_job(req))
+
+    @app.post("/v1/embeddings", responses=ERRORS)
+    async def embeddings(req: EmbeddingRequest):
         check_model(req.model)
-        ids = chat_ids(req)
-        rid, t = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        parts = await first_then_rest(run(req, ids, req.max_completion_tokens or req.max_tokens))
-        if req.stream:
-            include_usage = bool((req.stream_options or {}).get("include_usage"))
-
-            async def chunks():
-                base = {"id": rid, "object": "chat.completion.chunk", "created": t, "model": name}
-                yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
-                n = 0
-                async for delta, finish, new in parts:
-                    n += len(new)
-                    if delta or finish or (new and req.return_token_ids):
-                        choice = {"index": 0, "delta": {"content": delta} if delta else {}, "finish_reason": finish}
-                        yield {**base, "choices": [with_ids(choice, new, req)]}
-                if include_usage:
-                    yield {**base, "choices": [], "usage": usage(len(ids), n)}
-
-            return sse(chunks())
-        text, finish, got = await collect(parts)
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
-        return {"id": rid, "object": "chat.completion", "created": t, "model": name,
-                "choices": [with_ids(choice, got, req)], "usage": usage(len(ids), len(got))}  # fmt: skip
+        if local.causal:
+            raise ProxyError(400, f"{name} is a causal language model: use /v1/completions", param="model")
+        ids = id_lists(req.input, "input")
+        width = max(map(len, ids))
+        if max_positions and width > max_positions:
+            raise ProxyError(400, f"an input has {width} tokens; the model takes at most {max_positions}", param="input")
+        batch = {"input_ids": torch.zeros(len(ids), width, dtype=torch.long), "attention_mask": torch.zeros(len(ids), width, dtype=torch.long)}
+        for r, row in enumerate(ids):
+            batch["input_ids"][r, : len(row)], batch["attention_mask"][r, : len(row)] = torch.tensor(row), 1
+        await ready()
+        vectors = await engine.embed(batch)
+        data = [{"object": "embedding", "index": i, "embedding": _vector(v, req.encoding_format)} for i, v in enumerate(vectors)]
+        total = sum(map(len, ids))
+        return {"object": "list", "data": data, "model": name, "usage": {"prompt_tokens": total, "total_tokens": total}}
 
     @app.on_event("shutdown")
     async def _close():
-        await upstream.close()
+        await engine.close()
 
     app.state.model_name = name
     return app
+
+
+def _join(a: dict | None, b: dict) -> dict:
+    """Two logprobs blocks of one choice, in order (completions: lists; chat: content)."""
+    if a is None:
+        return b
+    return {k: a[k] + b[k] for k in b}
+
+
+def _vector(v: torch.Tensor, fmt: str):
+    if fmt == "base64":
+        import base64
+
+        return base64.b64encode(v.float().numpy().astype("<f4").tobytes()).decode()
+    return v.float().tolist()

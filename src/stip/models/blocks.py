@@ -73,6 +73,9 @@ class Config:
         return replace(self, layers=k, attention=kinds, act_rows=rows)
 
 
+CAUSAL_TYPES = ("gpt2", "llama", "qwen2", "mistral")  # the families read as causal LMs
+
+
 def _np(t) -> np.ndarray:
     return t.detach().to(torch.float32).cpu().numpy()
 

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
+from ..models.blocks import CAUSAL_TYPES
+
 META = "stip"  # config.json entry written by the sealer
 TEXT_TYPES = ("bert", "gpt2", "llama", "qwen2", "mistral")
-CAUSAL_TYPES = ("gpt2", "llama", "qwen2", "mistral")
 
 
 class NotSealed(ValueError):

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 
 from .. import tls, wire
+from ..client.api import Encoding
+from ..client.generation import Generation, Sampling, generate
 from ..models.source import load_source
 from . import protocol, ring
 from .walk import Cache, Walk, folded_matmuls, plain_matmuls
@@ -357,21 +359,6 @@ def _replicas(party: str | Sequence[str]) -> list[str]:
     return items
 
 
-@dataclass
-class Generation:
-    token_ids: list[int]
-    prompt_ids: list[int]
-    logits: list[torch.Tensor] = field(default_factory=list)  # per step, when asked for
-    text: str | None = None
-
-
-@dataclass
-class Encoding:
-    last_hidden_state: torch.Tensor
-    attention_mask: torch.Tensor
-    embedding: torch.Tensor
-
-
 class SharesModel:
     """The user's side. Loads the public model (a local HF folder), checks the servers hold
     the same weights, and walks it with ``servers`` doing the weight matmuls, on the 2-round
@@ -468,44 +455,45 @@ class SharesModel:
         out = self.walk.forward(self.embed(ids), mask, head_rows="all")
         return {"logits" if self.cfg.head else "last_hidden_state": out}
 
-    @torch.no_grad()
+    @contextmanager
+    def engine(self):
+        """One generation's `generation.Engine`: the walk with a KV cache of its own, here."""
+        cache = Cache()
+
+        @torch.no_grad()
+        def step(ids: list[int], offset: int, every: bool) -> torch.Tensor:
+            return self.walk.forward(self.embed(torch.tensor([ids]), offset), cache=cache, head_rows="all" if every else "last")[0]
+
+        yield step
+
     def generate(
         self,
-        prompt: list[int],
+        prompt: str | list[int],
         max_new_tokens: int = 32,
+        sampling: Sampling = Sampling(),
         *,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: set[int] | frozenset[int] = frozenset(),
+        stop_at_eos: bool = True,
         min_tokens: int = 0,
         keep_logits: bool = False,
         on_token: Callable[[int], None] | None = None,
     ) -> Generation:
-        """Greedy at temperature 0, else temperature and top-p sampling, all here. The prompt
-        goes in one prefill; then one token per step, through P3's KV cache."""
-        from ..client.api import sample
-
+        """`generation.generate` on this walk: greedy unless ``sampling`` says otherwise, all
+        here. The prompt goes in one prefill; then one token per step, through P3's KV cache."""
         if not self.cfg.causal or self.cfg.head is None:
             raise ValueError(f"{self.config.model_type} is not a causal language model")
-        if not prompt:
-            raise ValueError("empty prompt")
-        if max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        cache, out = Cache(), Generation([], list(prompt))
-        logits = self.walk.forward(self.embed(torch.tensor([prompt])), cache=cache)
-        while True:
-            row = logits[0, -1]
-            if keep_logits:
-                out.logits.append(row.clone())
-            if len(out.token_ids) < min_tokens:
-                row = row.clone()
-                row[list(stop)] = float("-inf")
-            token = int(row.argmax()) if temperature == 0 else sample(row, temperature, top_p, gen)
-            out.token_ids.append(token)
-            if on_token is not None:
-                on_token(token)
-            if token in stop or len(out.token_ids) == max_new_tokens:
-                return out
-            logits = self.walk.forward(self.embed(torch.tensor([[token]]), cache.seen), cache=cache)
+        ids = list(prompt) if not isinstance(prompt, str) else self.tokenizer(prompt)["input_ids"]
+        with self.engine() as step:
+            g = generate(step, ids, max_new_tokens, sampling, vocab=self.vocab, stop=self.eos if stop_at_eos else frozenset(),
+                         min_tokens=min_tokens, keep_logits=keep_logits, on_token=on_token)  # fmt: skip
+        if self.path is not None and isinstance(prompt, str):
+            g.text = self.tokenizer.decode(g.token_ids, skip_special_tokens=True)
+        return g
+
+    @property
+    def vocab(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def eos(self) -> set[int]:
+        eos = getattr(self.config, "eos_token_id", None)
+        return set(eos if isinstance(eos, list) else [eos]) - {None}

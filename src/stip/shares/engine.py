@@ -1,7 +1,7 @@
 """Shares mode behind `stip proxy`: the engine is P3's own loop with two share servers.
 
-The proxy hands it the same body it would send vLLM (prompt ids, max_tokens, sampling,
-stop ids) and reads (new ids, finish reason) back as tokens come. Up to ``streams``
+The proxy hands it an `Ask` (prompt ids, max_tokens, sampling, n, stop ids) and reads
+`Piece`s back as tokens come: P3's own loop (`generation.walk`), on real ids. Up to ``streams``
 generations run at once, each a walker of its own (`SharesModel.fork`: the weights shared, a
 connection pair of its own, opened when first needed); more requests wait their turn. The share
 servers batch the walkers' matmuls with every other user's. Masks can be prepared with S1 in the
@@ -19,15 +19,14 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
-from ..client.proxy import Local, ProxyError
+import torch
+
+from ..client.generation import Ask, Piece, walk
+from ..client.proxy import Local, ProxyError, threaded
 from .client import SharesError, SharesModel
 
 
 log = logging.getLogger("stip.shares")
-
-
-class _Stopped(Exception):
-    pass
 
 
 class SharesEngine:
@@ -90,60 +89,37 @@ class SharesEngine:
         fingerprint = self.model.servers.hellos[0].get("fingerprint", "")
         return Local(self.model.path, cfg, fingerprint, cfg.vocab_size)
 
-    async def served_model(self, fingerprint: str) -> str:
-        return self.model.servers.model
+    async def check(self, local: Local) -> None:
+        pass  # P3 checked the servers' weights against its own when it connected
 
-    async def generate(self, body: dict) -> AsyncIterator[tuple[list[int], str | None]]:
-        """Stream (new ids, finish reason); leaving the loop early stops the walk."""
-        loop, queue, stop = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
-        eos = set() if body.get("ignore_eos") else set(body.get("stop_token_ids") or [])
-
-        def on_token(token: int) -> None:
-            if stop.is_set():
-                raise _Stopped
-            loop.call_soon_threadsafe(queue.put_nowait, ("token", token))
-
-        def walk(model: SharesModel) -> None:
-            try:
-                g = model.generate(
-                    list(body["prompt"]), body["max_tokens"], temperature=body.get("temperature", 1.0),
-                    top_p=body.get("top_p", 1.0), seed=body.get("seed"), stop=eos, min_tokens=body.get("min_tokens", 0),
-                    on_token=on_token,
-                )  # fmt: skip
-                reason = "stop" if g.token_ids and g.token_ids[-1] in eos else "length"
-                loop.call_soon_threadsafe(queue.put_nowait, ("done", reason))
-            except _Stopped:
-                loop.call_soon_threadsafe(queue.put_nowait, ("done", None))
-            except (SharesError, ConnectionError, OSError, ValueError) as e:
-                loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
-            except Exception as e:  # a bug: still end the stream, never leave the request hanging
-                log.exception("shares mode: the walk failed")
-                loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
-
+    async def generate(self, ask: Ask) -> AsyncIterator[Piece]:
+        """Stream ``ask``'s pieces from a walker (`generation.walk`); leaving the loop early
+        stops the walk."""
         try:
             model = await self._walker()
         except (SharesError, ConnectionError, OSError) as e:
             raise ProxyError(503, f"shares mode: {e}", "upstream_unavailable") from None
         try:
-            task = loop.run_in_executor(self._pool, walk, model)
-            try:
-                while True:
-                    kind, value = await queue.get()
-                    if kind == "token":
-                        yield [value], None
-                    elif kind == "done":
-                        if value is not None:
-                            yield [], value
-                        return
-                    elif isinstance(value, ConnectionError):
-                        raise ProxyError(503, f"shares mode: {value}", "upstream_unavailable")  # P3 retried for --timeout
-                    else:
-                        raise ProxyError(502, f"shares mode: {value}", "upstream_error")
-            finally:
-                stop.set()
-                await task
+            async for piece in threaded(self._pool, lambda emit: walk(model.engine, ask, model.vocab, emit)):
+                yield piece
+        except ConnectionError as e:
+            raise ProxyError(503, f"shares mode: {e}", "upstream_unavailable") from None  # P3 retried for --timeout
+        except (SharesError, OSError, ValueError) as e:
+            raise ProxyError(502, f"shares mode: {e}", "upstream_error") from None
         finally:
             self._idle.put_nowait(model)
+
+    async def embed(self, inputs: dict) -> torch.Tensor:
+        model = await self._walker()
+        try:
+            enc = await asyncio.get_running_loop().run_in_executor(self._pool, model.encode_ids, inputs["input_ids"], inputs["attention_mask"])
+        except ConnectionError as e:
+            raise ProxyError(503, f"shares mode: {e}", "upstream_unavailable") from None
+        except (SharesError, OSError, ValueError) as e:
+            raise ProxyError(502, f"shares mode: {e}", "upstream_error") from None
+        finally:
+            self._idle.put_nowait(model)
+        return enc.embedding
 
     async def close(self) -> None:
         self._stop.set()
