@@ -1,4 +1,4 @@
-"""Every figure of docs/threat-model.md, measured in one run (about 90 minutes on 2 cores: MiniLM
+"""Every figure of docs/threat-model.md, measured in one run (about 3 hours on 2 cores: MiniLM
 5–8 min, the SmolLM2 figures the rest).
 
 Seals the public MiniLM and SmolLM2 and private variants (re-initialised word table,

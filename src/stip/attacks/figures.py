@@ -2,7 +2,7 @@
 model (MiniLM; SmolLM2 for the ids starting ``llm.``) or of a private variant of it, or on a
 share server's view (SmolLM2, ids starting ``shares.``), named by an id the document quotes.
 
-    measure(tmp)                       every figure (about 90 minutes on 2 cores)
+    measure(tmp)                       every figure (about 3 hours on 2 cores, 1.7 of them sampling)
     measure(tmp, only={"vocab.public"})
 """
 
@@ -23,7 +23,7 @@ CHAT_PROMPTS = (
 )
 LLM_LAYERS = (0, 1, 2, 8, 29)
 FINETUNE_STEPS = 200
-SELF_GENERATE = (100, 1000)  # sequences P2 samples from its own checkpoint (64 ids each; 1,000: ~4 min on 2 cores)
+SELF_GENERATE = (100, 1000, 10000)  # sequences P2 samples from its own checkpoint (64 ids each; 10,000: ~43 min a mode on 2 cores)
 
 
 class Sealings:
