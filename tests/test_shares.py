@@ -503,7 +503,7 @@ def test_openai_client_through_stip_proxy_in_shares_mode(smollm2_servers, smollm
         assert biased[0] != first and biased == want_ids(smollm2_plain, ids, 4, {first: -100.0})
 
 
-LOGPROB_TOLERANCE = 1e-3  # shares mode's fixed point (2^-16 on Z_2^64) against float32 plaintext
+LOGPROB_TOLERANCE = 1e-4  # the bound; measured 3.5e-5 (fixed point on Z_2^64 against float32 plaintext)
 LOGPROB_ERRORS: list[float] = []
 
 
