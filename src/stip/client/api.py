@@ -27,7 +27,7 @@ from .. import tls, wire
 from ..wire import MEDIA_TYPE
 from .bundle import ClientBundle
 from .embed import IMAGE
-from .generation import Generation, Sampling, generate
+from .generation import Generation, Sampling, eos_ids, generate
 
 
 class ServerError(RuntimeError):
@@ -243,7 +243,7 @@ class Client:
         if limit and len(ids) + max_new_tokens > limit:
             raise ValueError(f"prompt ({len(ids)}) + max_new_tokens ({max_new_tokens}) exceeds the model's {limit} positions")
         with self.engine() as step:
-            g = generate(step, ids, max_new_tokens, sampling, vocab=self.vocab, stop=_eos(self.bundle.config) if stop_at_eos else frozenset(),
+            g = generate(step, ids, max_new_tokens, sampling, vocab=self.vocab, stop=eos_ids(self.bundle.config) if stop_at_eos else frozenset(),
                          min_tokens=min_tokens, on_token=on_token)  # fmt: skip
         g.text = self.tokenizer.decode(g.token_ids, skip_special_tokens=True) if self._has_tokenizer() else None
         return g
@@ -322,7 +322,3 @@ def _raise_for(r: httpx.Response) -> None:
         message = r.text[:200]
     raise ServerError(r.status_code, message)
 
-
-def _eos(config) -> set[int]:
-    eos = getattr(config, "eos_token_id", None)
-    return set(eos if isinstance(eos, list) else [eos]) - {None}

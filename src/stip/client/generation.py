@@ -86,6 +86,12 @@ class Generation:
     logits: list[torch.Tensor] = field(default_factory=list)  # per step, with keep_logits
 
 
+def eos_ids(config) -> frozenset[int]:
+    """The ids that end a generation: the config's ``eos_token_id`` (one or a list)."""
+    eos = getattr(config, "eos_token_id", None)
+    return frozenset(e for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int))
+
+
 def logprob_entries(logits: torch.Tensor, tokens: list[int], k: int) -> list[TokenLogprob]:
     """Each row's log-softmax at its token, and the row's k likeliest ids."""
     lp = torch.log_softmax(logits.double(), dim=-1)

@@ -48,7 +48,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import tls
 from .api import link_verify
 from .bundle import TOKENS, ClientBundle
-from .generation import MAX_LOGPROBS, Ask, Piece, Sampling, TokenLogprob
+from .generation import MAX_LOGPROBS, Ask, Piece, Sampling, TokenLogprob, eos_ids
 
 log = logging.getLogger("stip.proxy")
 SERVED_PREFIX = "stip-"  # as stip.serve.vllm names a sealing (the core never imports serve)
@@ -518,8 +518,7 @@ def create_app(local: Local | str | Path, engine: Engine, *, model_name: str | N
     tokenizer = AutoTokenizer.from_pretrained(local.folder, local_files_only=True)
     vocab = local.vocab
     name = model_name or local.config.model_type + "-" + local.fingerprint[:8]
-    eos = getattr(local.config, "eos_token_id", None)
-    eos_ids = frozenset(e for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int))
+    eos = eos_ids(local.config)
     max_positions = getattr(local.config, "max_position_embeddings", None) or getattr(local.config, "n_positions", None)
     created = int(time.time())
     checked = asyncio.Lock()
@@ -621,7 +620,7 @@ def create_app(local: Local | str | Path, engine: Engine, *, model_name: str | N
             raise ProxyError(400, f"max_tokens ({max_tokens}) exceeds this proxy's limit of {max_tokens_limit}", param="max_tokens")
         if req.min_tokens > max_tokens:
             raise ProxyError(400, "min_tokens exceeds max_tokens", param="min_tokens")
-        stop = frozenset() if req.ignore_eos else frozenset(local.rename_ids(sorted(eos_ids)))
+        stop = frozenset() if req.ignore_eos else frozenset(local.rename_ids(sorted(eos)))
         return Ask(local.rename_ids(ids), max_tokens, s, req.n, stop, req.min_tokens)
 
     def generative() -> None:

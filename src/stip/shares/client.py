@@ -29,7 +29,7 @@ import torch
 
 from .. import tls, wire
 from ..client.api import Encoding
-from ..client.generation import Generation, Sampling, generate
+from ..client.generation import Generation, Sampling, eos_ids, generate
 from ..models.source import load_source
 from . import protocol, ring
 from .walk import Cache, Walk, folded_matmuls, plain_matmuls
@@ -483,7 +483,7 @@ class SharesModel:
             raise ValueError(f"{self.config.model_type} is not a causal language model")
         ids = list(prompt) if not isinstance(prompt, str) else self.tokenizer(prompt)["input_ids"]
         with self.engine() as step:
-            g = generate(step, ids, max_new_tokens, sampling, vocab=self.vocab, stop=self.eos if stop_at_eos else frozenset(),
+            g = generate(step, ids, max_new_tokens, sampling, vocab=self.vocab, stop=eos_ids(self.config) if stop_at_eos else frozenset(),
                          min_tokens=min_tokens, keep_logits=keep_logits, on_token=on_token)  # fmt: skip
         if self.path is not None and isinstance(prompt, str):
             g.text = self.tokenizer.decode(g.token_ids, skip_special_tokens=True)
@@ -492,8 +492,3 @@ class SharesModel:
     @property
     def vocab(self) -> int:
         return self.config.vocab_size
-
-    @property
-    def eos(self) -> set[int]:
-        eos = getattr(self.config, "eos_token_id", None)
-        return set(eos if isinstance(eos, list) else [eos]) - {None}
