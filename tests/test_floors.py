@@ -2,6 +2,7 @@
 inside a function, resolved to the stip module it names."""
 
 import ast
+import builtins
 from pathlib import Path
 
 import pytest
@@ -59,8 +60,26 @@ def test_the_source_tree_was_read():
 
 
 def test_models_is_the_ground_floor():
-    above = tuple(m for m in IMPORTS if m != "stip" and not _under(m, MODELS))
+    above = tuple(m for m in IMPORTS if m not in ("stip", "stip.errors") and not _under(m, MODELS))
     assert _broken(MODELS, above) == []
+
+
+def test_the_error_base_imports_nothing():
+    assert IMPORTS["stip.errors"] == set()
+
+
+def test_every_error_stip_defines_has_the_one_base():
+    """A public exception class anywhere in stip derives from StipError (the CLI's one mapping);
+    private ones (``_Gone``) are control flow, and a bench Skip is not an error."""
+    builtin = {n for n, v in vars(builtins).items() if isinstance(v, type) and issubclass(v, BaseException)}
+    orphans = []
+    for f in sorted((SRC / "stip").rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef) and not node.name.startswith("_") and node.name not in ("Skip", "StipError"):
+                bases = {b.id for b in node.bases if isinstance(b, ast.Name)}
+                if bases & builtin and "StipError" not in bases and not bases - builtin:
+                    orphans.append(f"{f.relative_to(SRC)}:{node.name}")
+    assert orphans == []
 
 
 def test_the_core_imports_no_baseline_attack_or_bench():

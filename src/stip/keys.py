@@ -25,11 +25,13 @@ from typing import Mapping
 
 import numpy as np
 
+from .errors import StipError
+
 FORMAT = "stip-key/1"
 PI, PI_C = "pi", "pi_c"
 
 
-class InvalidKey(ValueError):
+class InvalidKey(StipError, ValueError):
     """A key file or key object that must not be used."""
 
 

@@ -24,10 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from .errors import StipError
+
 PIN_PREFIX = "sha256:"
 
 
-class TrustError(ConnectionError):
+class TrustError(StipError, ConnectionError):
     """The peer is not the one P3 trusts: a pin mismatch, an unknown CA, a bad host name."""
 
 

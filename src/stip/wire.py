@@ -17,13 +17,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .errors import StipError
+
 MEDIA_TYPE = "application/octet-stream"
 FLOATS = (torch.float32, torch.float16)
 INTS = (torch.int64, torch.int32, torch.bool)
 MAX_HEADER = 1 << 16
 
 
-class WireError(ValueError):
+class WireError(StipError, ValueError):
     """A message that must be refused; ``status`` is the HTTP status to answer with."""
 
     def __init__(self, message: str, status: int = 422):

@@ -139,8 +139,16 @@ from . import provider, cloud, shares, user, mpc, train, he, attack, bench  # no
 
 
 def main() -> None:
+    """The console script: a `StipError` that a command lets through becomes its message and
+    exit code 1; anything else is a bug and keeps its traceback."""
     import transformers
+
+    from ..errors import StipError
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    app()
+    try:
+        app()
+    except StipError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise SystemExit(1) from None

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import httpx
 import torch
 
+from ..errors import StipError
 from .. import tls, wire
 from ..wire import MEDIA_TYPE
 from .bundle import ClientBundle
@@ -30,7 +31,7 @@ from .embed import IMAGE
 from .generation import Generation, Sampling, eos_ids, generate
 
 
-class ServerError(RuntimeError):
+class ServerError(StipError, RuntimeError):
     """The server refused a request (4xx) or failed (5xx)."""
 
     def __init__(self, status: int, message: str):
@@ -39,7 +40,7 @@ class ServerError(RuntimeError):
         self.message = message
 
 
-class KeyMismatch(RuntimeError):
+class KeyMismatch(StipError, RuntimeError):
     """The server serves a different sealing than this client folder belongs to."""
 
 

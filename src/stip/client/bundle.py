@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import StipError
 from .. import keys
 from ..keys import ClientKey, InvalidKey
 from . import embed as embed_
@@ -35,7 +36,7 @@ MODES = (EMBEDDINGS, TOKENS)
 MANIFEST, CONFIG, TENSORS, KEY = "manifest.json", "config.json", "embeddings.safetensors", "key.stip"
 
 
-class InvalidBundle(ValueError):
+class InvalidBundle(StipError, ValueError):
     pass
 
 

@@ -18,10 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import StipError
+
 DATASETS = ("digits", "cifar10", "cifar100", "tiny-imagenet")
 
 
-class DatasetMissing(FileNotFoundError):
+class DatasetMissing(StipError, FileNotFoundError):
     """The dataset's files are not where its standard layout puts them."""
 
 

@@ -30,6 +30,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..errors import StipError
+
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -47,7 +49,7 @@ _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h)\.(\d+)\.(.+)$")
 _UNUSED = re.compile(r"(?:^|\.)pooler\.dense$")
 
 
-class UnsupportedAdapter(ValueError):
+class UnsupportedAdapter(StipError, ValueError):
     """An adapter that is not plain LoRA on the supported projections."""
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import StipError
+
 # family → (config.model_type values, architecture classes): one row per sealing module.
 FAMILIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "bert": (("bert",), ("BertModel", "BertForSequenceClassification", "BertForTokenClassification")),
@@ -23,7 +25,7 @@ FAMILIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
-class UnsupportedModel(ValueError):
+class UnsupportedModel(StipError, ValueError):
     pass
 
 

@@ -20,6 +20,8 @@ import sysconfig
 from functools import lru_cache
 from pathlib import Path
 
+from ..errors import StipError
+
 # A sentence a person could have typed: no code, markup or elisions, of chat-message length.
 _CODE = re.compile(r"[<>{}\[\]=_*|\\`#~^@$]|\.\.\.|::|\s-\s|https?:|\w\.\w+\(")
 _SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
@@ -104,7 +106,7 @@ EOT = "<|endoftext|>"  # between documents
 _WIKITEXT = ("wiki.{}.tokens", "wiki.{}.raw")  # WikiText-2/103's file names (train, valid, test)
 
 
-class CorpusMissing(FileNotFoundError):
+class CorpusMissing(StipError, FileNotFoundError):
     """A text folder with no text in it."""
 
 

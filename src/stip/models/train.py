@@ -18,13 +18,14 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..errors import StipError
 from .data import Split
 
 # tick(stage, step, total_steps, info): progress for a CLI; steps are minibatches
 Tick = Callable[[str, int, int, str], None]
 
 
-class RunMismatch(ValueError):
+class RunMismatch(StipError, ValueError):
     """OUT already holds a run with different settings."""
 
 

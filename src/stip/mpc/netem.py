@@ -17,6 +17,8 @@ import subprocess
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from ..errors import StipError
+
 SUBNET = ("10.231.7.1", "10.231.7.2")  # inside our own namespaces only
 
 
@@ -40,7 +42,7 @@ PROFILES = {
 }
 
 
-class Unavailable(RuntimeError):
+class Unavailable(StipError, RuntimeError):
     pass
 
 

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import torch
 
+from ..errors import StipError
 from ..models.blocks import CAUSAL_TYPES
 
 META = "stip"  # config.json entry written by the sealer
 TEXT_TYPES = ("bert", "gpt2", "llama", "qwen2", "mistral")
 
 
-class NotSealed(ValueError):
+class NotSealed(StipError, ValueError):
     pass
 
 

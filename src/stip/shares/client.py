@@ -27,6 +27,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from ..errors import StipError
 from .. import tls, wire
 from ..client.api import Encoding
 from ..client.generation import Generation, Sampling, eos_ids, generate
@@ -53,7 +54,7 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-class SharesError(RuntimeError):
+class SharesError(StipError, RuntimeError):
     """A share server refused a request, or the two servers disagree."""
 
 

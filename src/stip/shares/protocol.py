@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from ..errors import StipError
 from .. import wire
 
 MAX_FRAME = 1 << 32  # P3's bound on a reply; a server's own bound is set by its matmuls
@@ -36,7 +37,7 @@ ANSWER = {"y": wire.Spec(dtypes=(torch.int64,), ndim=2)}
 _GROW = 1 << 20
 
 
-class ProtocolError(ConnectionError):
+class ProtocolError(StipError, ConnectionError):
     """The peer broke the framing or answered with an error."""
 
 

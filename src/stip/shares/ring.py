@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import StipError
+
 LIMBS = 2
 MASS = 32  # log2 of the largest Σ|w| of an encoded column
 _SPLIT = {2: (42, 22), 3: (22, 22, 20)}  # bits per limb, low to high
@@ -44,7 +46,7 @@ def _exact(bits: int) -> bool:
 assert all(_exact(split[-1]) and sum(split) == 64 for split in _SPLIT.values())  # the high limb is exact
 
 
-class RangeError(ValueError):
+class RangeError(StipError, ValueError):
     """An activation that cannot be encoded (NaN or infinite)."""
 
 
