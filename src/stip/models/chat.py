@@ -61,6 +61,8 @@ def convert(gguf: str | Path, out: str | Path) -> Path:
     gguf, out = Path(gguf), Path(out)
     if not gguf.is_file():
         raise FileNotFoundError(f"{gguf} does not exist")
+    if (out / "config.json").is_file():
+        raise FileExistsError(f"{out} holds a model already")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are dequantised already; transformers refuses to save until the GGUF
@@ -75,9 +77,14 @@ def convert(gguf: str | Path, out: str | Path) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out.exists():  # another process converted it meanwhile, or a stale copy
+        if out.exists() and not (out / "config.json").is_file():  # a stale, half-made copy
             shutil.rmtree(out)
-        tmp.rename(out)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process converted it meanwhile (tests run side by side): keep its copy
+            if not (out / "config.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import httpx
 
+from ..errors import StipError
 from ..tls import Trust, TrustError, fingerprint, httpx_verify
 
 PYTHON_ENV = "STIP_VLLM_PYTHON"
@@ -46,7 +47,7 @@ Protocol = -ALL, TLSv1.3
 """
 
 
-class EngineUnavailable(RuntimeError):
+class EngineUnavailable(StipError, RuntimeError):
     """vLLM is not installed where we look, or it did not come up."""
 
 
@@ -76,12 +77,15 @@ def free_port() -> int:
 
 
 def command(model_dir: str | Path, name: str, port: int, *, max_model_len: int | None = 4096,
-            tls: tuple[str | Path, str | Path] | None = None, args: tuple[str, ...] = ()) -> list[str]:  # fmt: skip
-    """vLLM's OpenAI server for a sealed folder on 127.0.0.1:``port``; HTTPS with ``tls``."""
+            tls: tuple[str | Path, str | Path] | None = None, args: tuple[str, ...] = (),
+            tokenizer: bool = False) -> list[str]:  # fmt: skip
+    """vLLM's OpenAI server for a sealed folder on 127.0.0.1:``port``; HTTPS with ``tls``.
+    ``tokenizer``: load the folder's tokenizer (an unsealed baseline asked with text, as by an
+    evaluation harness); a sealing ships none."""
     return [
         str(python()), "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_dir), "--served-model-name", name,
-        "--dtype", "float32", "--skip-tokenizer-init",
+        "--dtype", "float32", *(() if tokenizer else ("--skip-tokenizer-init",)),
         "--host", "127.0.0.1", "--port", str(port), "--seed", "0",
         *(("--max-model-len", str(max_model_len)) if max_model_len else ()),
         *(("--ssl-certfile", str(tls[0]), "--ssl-keyfile", str(tls[1])) if tls else ()),
@@ -103,8 +107,10 @@ class VLLMProcess:
         args: tuple[str, ...] = (),
         timeout: float = 600.0,
         tls: tuple[str | Path, str | Path] | None = None,
+        tokenizer: bool = False,
     ):
-        """``tls``: (certificate, key): HTTPS, TLS 1.3 only; ``pin`` is the certificate's."""
+        """``tls``: (certificate, key): HTTPS, TLS 1.3 only; ``pin`` is the certificate's.
+        ``tokenizer``: see `command`."""
         self.model_dir = Path(model_dir)
         if not (self.model_dir / "config.json").is_file():
             raise FileNotFoundError(f"{self.model_dir} is not a model folder (no config.json)")
@@ -113,7 +119,7 @@ class VLLMProcess:
         self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.pin = fingerprint(Path(tls[0])) if tls else None
         self._verify = None if tls else True
-        self.cmd = command(self.model_dir, self.name, self.port, max_model_len=max_model_len, tls=tls, args=args)
+        self.cmd = command(self.model_dir, self.name, self.port, max_model_len=max_model_len, tls=tls, args=args, tokenizer=tokenizer)
         env = dict(
             os.environ,
             HF_HUB_OFFLINE="1",

@@ -22,7 +22,7 @@ from typing import AsyncIterator
 import torch
 
 from ..client.generation import Ask, Piece, walk
-from ..client.proxy import Local, ProxyError, threaded
+from ..client.proxy import Local, ProxyError, threaded, upstream_failure
 from .client import SharesError, SharesModel
 
 
@@ -102,10 +102,8 @@ class SharesEngine:
         try:
             async for piece in threaded(self._pool, lambda emit: walk(model.engine, ask, model.vocab, emit)):
                 yield piece
-        except ConnectionError as e:
-            raise ProxyError(503, f"shares mode: {e}", "upstream_unavailable") from None  # P3 retried for --timeout
-        except (SharesError, OSError, ValueError) as e:
-            raise ProxyError(502, f"shares mode: {e}", "upstream_error") from None
+        except Exception as e:
+            raise upstream_failure(e, "shares mode", down=503) from None  # P3 retried for --timeout
         finally:
             self._idle.put_nowait(model)
 
@@ -113,10 +111,8 @@ class SharesEngine:
         model = await self._walker()
         try:
             enc = await asyncio.get_running_loop().run_in_executor(self._pool, model.encode_ids, inputs["input_ids"], inputs["attention_mask"])
-        except ConnectionError as e:
-            raise ProxyError(503, f"shares mode: {e}", "upstream_unavailable") from None
-        except (SharesError, OSError, ValueError) as e:
-            raise ProxyError(502, f"shares mode: {e}", "upstream_error") from None
+        except Exception as e:
+            raise upstream_failure(e, "shares mode", down=503) from None
         finally:
             self._idle.put_nowait(model)
         return enc.embedding
