@@ -11,6 +11,7 @@ import torch
 
 from stip.models import data, polyformer as pf
 from stip.models.train import Schedule, accuracy, fit
+from stip.mpc.polyformer import to_mpc
 
 
 def test_fits_approximate_gelu_and_minimax_lowers_the_peak_error():
@@ -47,7 +48,7 @@ def test_digits_polynomial_model_keeps_its_accuracy(tmp_path):
 
 @pytest.mark.slow
 def test_the_same_model_runs_under_two_party_mpc_as_separate_processes():
-    """`polyformer.to_mpc`: the JAX forward equals torch, the config survives the parties' JSON
+    """`stip.mpc.polyformer.to_mpc`: the JAX forward equals torch, the config survives the parties' JSON
     job file (per-layer polynomials included), and SEMI2K between two OS processes agrees."""
     import json
 
@@ -58,7 +59,7 @@ def test_the_same_model_runs_under_two_party_mpc_as_separate_processes():
     train, test = data.load("digits")
     model = pf.PolyViT(pf.PRESETS["tiny"]).eval()
     pf.to_polynomial(model, train.images[:256], degree=2)
-    cfg, params = pf.to_mpc(model)
+    cfg, params = to_mpc(model)
     assert config_from_json(json.loads(json.dumps(config_to_json(cfg)))) == cfg
     x = pf.embed_plan(pf.he_plan(model), model.patches(test.images[:2]).numpy())
     with torch.no_grad():
@@ -101,7 +102,7 @@ def test_lm_is_causal_and_the_plan_mpc_and_sealed_forms_equal_it():
         ref = model(ids[:8])[:, -1].numpy()
     plan = pf.he_plan(model)
     assert np.abs(pf.plan_forward(plan, ids[:8].numpy()) - ref).max() < 1e-4
-    cfg, params = pf.to_mpc(model)
+    cfg, params = to_mpc(model)
     assert cfg.causal and cfg.head == "last_token"
     assert np.abs(np.asarray(forward(cfg, params, pf.embed_plan(plan, ids[:8].numpy()))) - ref).max() < 1e-4
     sealed = sealing.seal(model)

@@ -214,10 +214,11 @@ class PolySubject:
 
     def mpc(self, layers: int):
         from ..models import polyformer
+        from ..mpc.polyformer import to_mpc
 
         if layers != self.layers:
             raise Skip("the polynomial models run at full depth only")
-        cfg, params = polyformer.to_mpc(self.model)
+        cfg, params = to_mpc(self.model)
         return cfg, params, polyformer.embed_plan(self.plan, self.he_inputs)
 
     def he(self):
