@@ -690,9 +690,9 @@ def create_app(local: Local | str | Path, engine: Engine, *, model_name: str | N
         queue: asyncio.Queue = asyncio.Queue()
 
         async def one(p: int, a: Ask):
-            # aclosing: a task cancelled mid-stream (the answer is complete before the engine's
-            # last chunk, as with echo and max_tokens=1) must close the engine's generator now,
-            # which returns its upstream connection; left to the GC, 256 such leaks fill the pool.
+            # aclosing: a cancelled call closes the engine's generator now, not at the GC (its
+            # finally hands a shares walker back, stops a worker thread's emit). CancelledError
+            # is not caught: the task ends cancelled.
             try:
                 async with aclosing(engine.generate(a)) as gen:
                     async for piece in gen:
