@@ -8,11 +8,10 @@ import math
 import numpy as np
 
 from ..models.blocks import Config
-from ..models.polyformer import he_plan
-from ..models.polyformer.model import _Polynomial
+from ..models.polyformer import PolyLM, PolyViT, he_plan
 
 
-def to_mpc(model: _Polynomial):
+def to_mpc(model: PolyViT | PolyLM):
     """The folded plan as ``stip.mpc.model`` (Config, params): BatchNorms folded (norm "none"),
     polynomial attention and activations with each layer's own coefficients; a summed pool
     (ViT) or the last position's logits (LM, causal, 1/S(i + 1) per row). Its input is the
