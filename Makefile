@@ -109,7 +109,7 @@ bench-lora: $(STAMP)
 	$(PY) benchmarks/lora.py
 
 # lm_eval's local-completions model through stip proxy on the sealed SmolLM2, and on the
-# unsealed one on the same vLLM: a 200-item multiple-choice task from CPython's docs (~10 min).
+# unsealed one on the same vLLM: a 200-item multiple-choice task from CPython's docs (~3 min on 2 cores).
 bench-eval: $(STAMP) $(VLLM_STAMP) $(EVAL_STAMP)
 	$(PY) benchmarks/lm_eval_proxy.py
 
