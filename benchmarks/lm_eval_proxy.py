@@ -30,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -122,10 +121,9 @@ def main() -> int:
     if not args.lm_eval.is_file():
         raise SystemExit(f"no lm_eval environment at {args.lm_eval}: run `make bench-eval`, or pass --lm-eval")
 
-    from stip.client.bundle import ClientBundle
     from stip.models import chat
     from stip.seal import CLIENT, SERVER, seal_folder
-    from stip.serve.process import ServerProcess
+    from stip.serve.process import ServerProcess, side_by_side
     from stip.serve.vllm import VLLMProcess
 
     say = lambda *a: print(*a, flush=True)  # noqa: E731
@@ -136,20 +134,15 @@ def main() -> int:
         write_task(tmp / "task", data)
         sealed = seal_folder(src, tmp / "tokens", mode="tokens")
         say(f"{args.items} items; sealed (token mode), fingerprint {sealed.key.fingerprint[:16]}…; starting two vLLM engines …")
-        with ThreadPoolExecutor(2) as pool:
-            fs = (pool.submit(VLLMProcess, tmp / "tokens" / SERVER, args=("--enforce-eager",)),
-                  pool.submit(VLLMProcess, src, name="unsealed", args=("--enforce-eager",), tokenizer=True))  # fmt: skip
-            engines = {"sealed": fs[0].result(), "unsealed": fs[1].result()}
-        try:
-            with ServerProcess(tmp / "tokens" / CLIENT, "--upstream", engines["sealed"].url, command="proxy", timeout=180) as proxy:
+        starts = (lambda: VLLMProcess(tmp / "tokens" / SERVER, args=("--enforce-eager",)),
+                  lambda: VLLMProcess(src, name="unsealed", args=("--enforce-eager",), tokenizer=True))  # fmt: skip
+        with side_by_side(*starts) as (sealed_engine, unsealed_engine):
+            with ServerProcess(tmp / "tokens" / CLIENT, "--upstream", sealed_engine.url, command="proxy", timeout=180) as proxy:
                 model = httpx.get(f"{proxy.url}/v1/models").json()["data"][0]["id"]
                 say(f"lm_eval → stip proxy ({model}) → sealed vLLM …")
                 sealed_m, sealed_s, sealed_t = run_lm_eval(args.lm_eval, proxy.url, model, src, tmp / "task", args.out / "sealed")
             say("lm_eval → unsealed vLLM …")
-            plain_m, plain_s, plain_t = run_lm_eval(args.lm_eval, engines["unsealed"].url, "unsealed", src, tmp / "task", args.out / "unsealed")
-        finally:
-            for e in engines.values():
-                e.stop()
+            plain_m, plain_s, plain_t = run_lm_eval(args.lm_eval, unsealed_engine.url, "unsealed", src, tmp / "task", args.out / "unsealed")
     assert sealed_s.keys() == plain_s.keys() and len(sealed_s) == args.items * CHOICES
     diff = max(abs(sealed_s[k] - plain_s[k]) for k in plain_s)
     picks = lambda s: [max(range(CHOICES), key=lambda c: s[(i, c)]) for i in range(args.items)]  # noqa: E731

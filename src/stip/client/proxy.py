@@ -256,13 +256,12 @@ class Upstream:
 
     @contextmanager
     def _transport(self):
-        """Transport failures as the statuses the client gets: 504 for a timeout, else 502."""
+        """Transport failures as the statuses the client gets (`upstream_failure`): 504 for a
+        timeout, else 502."""
         try:
             yield
-        except httpx.TimeoutException:
-            raise ProxyError(504, f"the upstream engine at {self.url} timed out", "upstream_timeout") from None
-        except httpx.TransportError as e:
-            raise ProxyError(502, f"the upstream engine at {self.url} is unreachable or failed ({type(e).__name__})", "upstream_error") from None
+        except httpx.TransportError as e:  # timeouts included
+            raise upstream_failure(e, f"the upstream engine at {self.url}") from None
 
     async def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
         with self._transport():
@@ -313,9 +312,15 @@ def _raise_upstream(r: httpx.Response) -> None:
         message = err.get("message") if isinstance(err, dict) else str(err)
     except ValueError:
         message = r.text[:300]
-    if 400 <= r.status_code < 500 and r.status_code not in (401, 403):
-        raise ProxyError(400, f"the engine refused the request: {message}")  # e.g. prompt too long
-    raise ProxyError(502, f"upstream answered {r.status_code}: {message}", "upstream_error")
+    raise _refusal(r.status_code, message, "the engine")  # a 400: e.g. the prompt is too long
+
+
+def _refusal(status: int, message: str, who: str) -> ProxyError:
+    """An upstream's error status as the proxy's: its refusal of the request (4xx, but not
+    401/403, which are this proxy's credentials) is the caller's 400; anything else a 502."""
+    if 400 <= status < 500 and status not in (401, 403):
+        return ProxyError(400, f"{who} refused the request: {message}")
+    return ProxyError(502, f"upstream answered {status}: {message}", "upstream_error")
 
 
 def _vllm_body(ask: Ask) -> dict:
@@ -459,8 +464,7 @@ def upstream_failure(e: BaseException, what: str, down: int = 502) -> BaseExcept
     if isinstance(e, ProxyError):
         return e
     if isinstance(e, ServerError):
-        return ProxyError(400, f"the server refused the request: {e.message}") if 400 <= e.status < 500 and e.status not in (401, 403) \
-            else ProxyError(502, f"upstream answered {e.status}: {e.message}", "upstream_error")  # fmt: skip
+        return _refusal(e.status, e.message, "the server")
     if isinstance(e, httpx.TimeoutException):
         return ProxyError(504, f"{what} timed out", "upstream_timeout")
     if isinstance(e, httpx.TransportError):
