@@ -3,29 +3,31 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
 from . import app, err, fail, out
 
 
-he_app = typer.Typer(no_args_is_help=True, help="The homomorphic-encryption baseline (CKKS, TenSEAL).")
+he_app = typer.Typer(no_args_is_help=True, help="The homomorphic-encryption baseline (CKKS on SEAL, packed with rotations).")
 app.add_typer(he_app, name="he")
 
 
 @he_app.command("run")
 def he_run(
     model: Path = typer.Option(..., "--model", metavar="OUT", help="A `stip train polyformer` folder or its model.safetensors."),
-    images: int = typer.Option(16, "--images", min=1, help="ViT: test images to encrypt, packed in one batch's slots."),
-    prompts: int = typer.Option(32, "--prompts", min=1, help="LM: held-out prompts to encrypt, packed in one batch's slots."),
-    tokens: int = typer.Option(4, "--tokens", min=1, help="LM: tokens per prompt (at most the model's context). Memory grows with it: the default LM took 17 GiB at 4 and did not fit in 24 GB at 8."),
+    images: int = typer.Option(16, "--images", min=1, help="ViT: test images to encrypt, as many a ciphertext as its slots hold."),
+    prompts: int = typer.Option(32, "--prompts", min=1, help="LM: held-out prompts to encrypt, as many a ciphertext as its slots hold."),
+    tokens: Optional[int] = typer.Option(None, "--tokens", min=1, help="LM: tokens per prompt (default and most: the model's context)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Encrypted inference: the user encrypts image patches (ViT) or its prompts' embeddings
-    (LM) under CKKS, the server computes the polynomial model on ciphertexts with its plaintext
-    weights (client-aided refresh when depth runs out), the user decrypts the class or
-    next-token logits. Reports time, ciphertext bytes each way, refresh rounds, max error
-    against the plaintext polynomial model and, for an LM, the next-token perplexity of both."""
+    (LM) under CKKS, token-major in the slots; the server computes the polynomial model on
+    ciphertexts with its plaintext weights, by rotations (client-aided refresh when depth runs
+    out); the user decrypts the class or next-token logits. Reports time, ciphertext bytes each
+    way, rounds, peak memory, max error against the plaintext polynomial model and, for an LM,
+    the next-token perplexity of both."""
     import json
 
     from ..he.runner import run
@@ -35,6 +37,7 @@ def he_run(
         net, info = polyformer.load(model)
         plan = polyformer.he_plan(net)
         if net.cfg.causal:
+            tokens = tokens or net.cfg.context
             if tokens > net.cfg.context:
                 raise ValueError(f"--tokens {tokens} exceeds the model's context of {net.cfg.context}")
             inputs, targets = polyformer.held_out(model, prompts, tokens)
@@ -56,13 +59,15 @@ def he_run(
         return
     from rich.table import Table
 
-    t = Table(title=f"CKKS, {report.inputs} {what} in one batch", show_header=False)
+    t = Table(title=f"CKKS, {report.inputs} {what} in {report.ciphertexts} ciphertext(s)", show_header=False)
     t.add_column("")
     t.add_column("", justify="right")
-    t.add_row(f"wall time (batch) / per {what[:-1]}", f"{report.seconds:.2f} s / {report.seconds_per_input:.3f} s")
+    t.add_row(f"wall time (all) / per {what[:-1]}", f"{report.seconds:.2f} s / {report.seconds_per_input:.3f} s")
     t.add_row("server / client compute", f"{report.server_seconds:.2f} s / {report.client_seconds:.2f} s")
     t.add_row("ciphertext bytes up / down", f"{report.bytes_up:,} / {report.bytes_down:,}")
-    t.add_row("public keys (once)", f"{report.key_bytes:,}")
+    t.add_row(f"public keys (once; {report.rotation_keys} rotation keys)", f"{report.key_bytes:,}")
+    t.add_row("rotations", f"{report.rotations:,}")
+    t.add_row("peak memory (both parties, one process)", f"{report.peak_memory_bytes / 2**30:.2f} GiB")
     t.add_row("refresh round trips (ciphertexts)", f"{report.refresh_rounds} ({report.refreshed_ciphertexts:,})")
     t.add_row("max abs error vs plaintext polynomial model", f"{report.max_abs_error:.2e}")
     t.add_row("argmax agreement", f"{100 * report.argmax_agreement:.1f} %")

@@ -1,28 +1,31 @@
-"""CKKS (TenSEAL) for the polynomial ViT: parameters, the user's keys, the server's encrypted
-operations with level tracking, and the client-aided refresh.
+"""CKKS on Microsoft SEAL, through ``tenseal.sealapi`` (TenSEAL's binding of SEAL's own API;
+TenSEAL's tensor API has no rotations): parameters, the user's keys, the server's operations
+on packed ciphertexts with their levels, and the client-aided refresh.
 
-Packing: images go in the SIMD slots. A batch of B ≤ N/2 images is one CKKSTensor of shape
-(tokens, features) whose every element is one ciphertext holding that element for all B
-images, so every matrix product with the server's plaintext weights is a sum of
-plaintext-scalar products — no rotations — and its cost is shared by the whole batch.
+Packing: a ciphertext's slots hold whole inputs, token-major (``stip.he.packing``). A product
+with plaintext weights is a sum of rotations times plaintext diagonals, by baby and giant steps
+(``Server.linear``); the slot layout is the caller's.
 
-Depth: TenSEAL has no bootstrapping. The server tracks each tensor's remaining levels; when
-the next operation needs more, it refreshes: adds a fresh encrypted random mask, sends the
-ciphertexts to the user, who decrypts and re-encrypts them at the top level, and subtracts
-the mask. The user sees only masked values; every round trip and byte is counted.
+Depth: SEAL has no CKKS bootstrapping. When the next operation needs more levels than a
+ciphertext has left, the server refreshes it: adds a fresh encrypted random mask, sends it to
+the user, who decrypts and re-encrypts it at the top level, and subtracts the mask. The user
+sees only masked values; every round trip and byte is counted.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import tempfile
+from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 
 # Largest log2(q) for 128-bit classical security with ternary secrets (HomomorphicEncryption.org
-# standard, table 1), by ring dimension.
+# standard, table 1), by ring dimension. SEAL checks the same bound (sec_level_type.tc128).
 MAX_LOG_Q_128 = {4096: 109, 8192: 218, 16384: 438, 32768: 881}
 MASK_BOUND = 2.0**10  # refresh masks are uniform in ±MASK_BOUND (values stay ≪ 2^(60-40))
 
@@ -54,7 +57,7 @@ PARAMS = (Params(8192, (60, 40, 40, 60)), Params(16384, (60,) + (40,) * 7 + (60,
 
 
 def poly_depth(degree: int) -> int:
-    """Levels TenSEAL's polyval consumes: powers by squaring, then the coefficients."""
+    """Levels a polynomial of this degree consumes: powers by squaring, then the coefficients."""
     return 1 if degree <= 1 else math.ceil(math.log2(degree)) + 1
 
 
@@ -66,10 +69,60 @@ def params_for(depth: int) -> Params:
     raise ValueError(f"no parameter set has {depth} levels: lower the polynomial degree")
 
 
-def _ts():
-    import tenseal as ts
+def _sa():
+    import tenseal.sealapi as sa
 
-    return ts
+    return sa
+
+
+def _context(params: Params):
+    sa = _sa()
+    parms = sa.EncryptionParameters(sa.SCHEME_TYPE.CKKS)
+    parms.set_poly_modulus_degree(params.n)
+    parms.set_coeff_modulus(sa.CoeffModulus.Create(params.n, list(params.primes)))
+    ctx = sa.SEALContext(parms, True, sa.SEC_LEVEL_TYPE.TC128)
+    if not ctx.parameters_set():
+        raise ValueError(f"SEAL refuses {params.describe()}: {ctx.parameters_error_message()}")
+    return ctx
+
+
+# SEAL's Python binding saves and loads through file paths only: a private scratch folder,
+# in memory where the system has one. Only ciphertexts and public keys pass through it.
+_SCRATCH = "/dev/shm" if os.path.isdir("/dev/shm") else None
+
+
+def _dump(obj) -> bytes:
+    fd, path = tempfile.mkstemp(prefix="stip-he-", dir=_SCRATCH)
+    os.close(fd)
+    try:
+        obj.save(path)
+        return Path(path).read_bytes()
+    finally:
+        os.unlink(path)
+
+
+def _undump(obj, ctx, data: bytes):
+    fd, path = tempfile.mkstemp(prefix="stip-he-", dir=_SCRATCH)
+    try:
+        os.write(fd, data)
+        os.close(fd)
+        obj.load(ctx, path)
+        return obj
+    finally:
+        os.unlink(path)
+
+
+def _pack(blobs: list[bytes]) -> bytes:
+    return b"".join(len(b).to_bytes(8, "little") + b for b in blobs)
+
+
+def _unpack(data: bytes) -> list[bytes]:
+    out, i = [], 0
+    while i < len(data):
+        n = int.from_bytes(data[i : i + 8], "little")
+        out.append(data[i + 8 : i + 8 + n])
+        i += 8 + n
+    return out
 
 
 @dataclass
@@ -80,134 +133,276 @@ class Link:
     bytes_down: int = 0  # server → user
     refresh_rounds: int = 0
     refreshed_ciphertexts: int = 0
-    key_bytes: int = 0  # the public context (public and relinearisation keys), sent once
+    key_bytes: int = 0  # public, relinearisation and rotation keys, sent once
     client_seconds: float = 0.0
 
 
 class User:
-    """P3: holds the secret key; encrypts, refreshes, decrypts."""
+    """P3: holds the secret key; makes the server's public keys, encrypts, refreshes, decrypts.
+    ``steps``: the rotations the server's program uses (public: they follow from the model's
+    shape), one Galois key each."""
 
-    def __init__(self, params: Params, threads: int | None = None):
-        ts = _ts()
+    def __init__(self, params: Params, steps: Iterable[int]):
+        sa = _sa()
         self.params = params
-        self._ctx = ts.context(ts.SCHEME_TYPE.CKKS, params.n, coeff_mod_bit_sizes=list(params.primes),
-                               n_threads=threads or os.cpu_count() or 1)
-        self._ctx.global_scale = 2.0**params.scale_bits
-        self._ctx.generate_relin_keys()
+        self._ctx = _context(params)
+        keygen = sa.KeyGenerator(self._ctx)
+        self._public = sa.PublicKey()
+        keygen.create_public_key(self._public)
+        # SEAL's seeded forms, half the bytes: the relinearisation key, and a Galois key by its
+        # element 3^step mod 2N (the binding's steps overload makes the unseeded form only)
+        self._relin = keygen.create_relin_keys()
+        self._galois = keygen.create_galois_keys(sorted({pow(3, s % params.slots, 2 * params.n) for s in steps}))
+        self._encoder = sa.CKKSEncoder(self._ctx)
+        self._encryptor = sa.Encryptor(self._ctx, self._public)
+        self._secret = keygen.secret_key()
+        self._decryptor = sa.Decryptor(self._ctx, self._secret)
 
-    def public_context(self) -> bytes:
-        pub = self._ctx.copy()
-        pub.make_context_public()
-        return pub.serialize()
+    def public_keys(self) -> bytes:
+        """What the server gets: no secret key."""
+        return _pack([_dump(self._public), _dump(self._relin), _dump(self._galois)])
 
-    def encrypt(self, x: np.ndarray) -> bytes:
-        """x: (batch, *shape); the batch goes in the slots."""
-        if len(x) > self.params.slots:
-            raise ValueError(f"a batch holds at most {self.params.slots} images at N={self.params.n}")
-        return _ts().ckks_tensor(self._ctx, x.astype(np.float64), batch=True).serialize()
+    def encrypt(self, slots: np.ndarray) -> bytes:
+        if slots.shape != (self.params.slots,):
+            raise ValueError(f"a ciphertext holds {self.params.slots} slots at N={self.params.n}, not {slots.shape}")
+        sa = _sa()
+        pt, ct = sa.Plaintext(), sa.Ciphertext()
+        self._encoder.encode(slots.astype(np.float64).tolist(), 2.0**self.params.scale_bits, pt)
+        self._encryptor.encrypt(pt, ct)
+        return _dump(ct)
 
     def decrypt(self, blob: bytes) -> np.ndarray:
-        t = _ts().ckks_tensor_from(self._ctx, blob)
-        return np.asarray(t.decrypt().tolist())  # (batch, *shape)
+        sa = _sa()
+        ct, pt = _undump(sa.Ciphertext(), self._ctx, blob), sa.Plaintext()
+        self._decryptor.decrypt(ct, pt)
+        return np.asarray(self._encoder.decode_double(pt))
 
     def refresh(self, blobs: list[bytes]) -> list[bytes]:
         """Decrypt (masked values) and re-encrypt at the top level."""
-        ts = _ts()
-        out = []
-        for blob in blobs:
-            t = ts.ckks_tensor_from(self._ctx, blob)
-            out.append(ts.ckks_tensor(self._ctx, np.asarray(t.decrypt().tolist()), batch=True).serialize())
-        return out
+        return [self.encrypt(self.decrypt(b)) for b in blobs]
 
 
 @dataclass
 class Enc:
-    t: object  # tenseal CKKSTensor
-    level: int  # multiplicative levels left
+    ct: object  # a SEAL ciphertext
+    level: int  # multiplicative levels left: its chain index
 
 
 class Server:
-    """P2: the public context and plaintext weights. ``round_trip(blobs) -> blobs`` carries a
+    """P2: the public keys and plaintext weights. ``round_trip(blobs) -> blobs`` carries a
     refresh to the user and back."""
 
-    def __init__(self, public_context: bytes, params: Params, batch: int, round_trip: Callable[[list[bytes]], list[bytes]], link: Link):
-        ts = _ts()
-        self._ctx = ts.context_from(public_context)
-        if self._ctx.is_private():
-            raise ValueError("the server must not hold the secret key")
-        self.params, self.batch, self.link, self._round_trip = params, batch, link, round_trip
+    def __init__(self, public_keys: bytes, params: Params, round_trip: Callable[[list[bytes]], list[bytes]], link: Link):
+        sa = _sa()
+        self.params, self.link, self._round_trip = params, link, round_trip
+        self._ctx = _context(params)
+        pk, rk, gk = _unpack(public_keys)
+        self._relin = _undump(sa.RelinKeys(), self._ctx, rk)
+        self._galois = _undump(sa.GaloisKeys(), self._ctx, gk)
+        self._encoder = sa.CKKSEncoder(self._ctx)
+        self._encryptor = sa.Encryptor(self._ctx, _undump(sa.PublicKey(), self._ctx, pk))
+        self._eval = sa.Evaluator(self._ctx)
+        self._scale = 2.0**params.scale_bits
         self._rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
+        self._levels = {}  # chain index → (parms_id, the prime a rescale there drops)
+        data = self._ctx.first_context_data()
+        while data is not None:
+            self._levels[data.chain_index()] = (data.parms_id(), data.parms().coeff_modulus()[-1].value())
+            data = data.next_context_data()
+        self.rotations = 0
+
+    # serialization
 
     def load(self, blob: bytes) -> Enc:
-        return Enc(_ts().ckks_tensor_from(self._ctx, blob), self.params.levels)
+        ct = _undump(_sa().Ciphertext(), self._ctx, blob)
+        return Enc(ct, self._ctx.get_context_data(ct.parms_id()).chain_index())
+
+    def dump(self, e: Enc) -> bytes:
+        return _dump(e.ct)
+
+    # plaintexts
+
+    def _plain(self, values: np.ndarray | float, level: int, exact: bool = False):
+        """Encoded at ``level``. ``exact``: at the scale of the prime a rescale drops, so that a
+        product with it keeps the ciphertext's scale exactly."""
+        pid, prime = self._levels[level]
+        pt = _sa().Plaintext()
+        v = values if np.isscalar(values) else np.asarray(values, np.float64).tolist()
+        self._encoder.encode(float(v) if np.isscalar(v) else v, pid, float(prime) if exact else self._scale, pt)
+        return pt
+
+    def encrypt(self, values: np.ndarray, level: int | None = None) -> Enc:
+        ct = _sa().Ciphertext()
+        self._encryptor.encrypt(self._plain(values, self.params.levels), ct)
+        return self.lower(Enc(ct, self.params.levels), self.params.levels if level is None else level)
+
+    def zeros(self, level: int) -> Enc:
+        return self.encrypt(np.zeros(self.params.slots), level)
+
+    # levels and the refresh
+
+    def lower(self, e: Enc, level: int) -> Enc:
+        """The same values on fewer primes: cheaper to compute on and to send."""
+        if level >= e.level:
+            return e
+        ct = _sa().Ciphertext()
+        self._eval.mod_switch_to(e.ct, self._levels[level][0], ct)
+        return Enc(ct, level)
+
+    def _match(self, a: Enc, b: Enc) -> tuple[Enc, Enc]:
+        level = min(a.level, b.level)
+        return self.lower(a, level), self.lower(b, level)
 
     def ensure(self, encs: list[Enc], need: int) -> list[Enc]:
         """Those with fewer than ``need`` levels left, refreshed together in one round trip."""
         stale = [i for i, e in enumerate(encs) if e.level < need]
         if not stale:
             return encs
-        ts = _ts()
-        masks, blobs = [], []
-        for i in stale:
-            m = self._rng.uniform(-MASK_BOUND, MASK_BOUND, (self.batch, *encs[i].t.shape))
-            masks.append(ts.ckks_tensor(self._ctx, m, batch=True))  # encrypted once: added now, subtracted on return
-            blobs.append((encs[i].t + masks[-1]).serialize())
+        if need > self.params.levels:
+            raise ValueError(f"an operation needs {need} levels; N={self.params.n} has {self.params.levels}")
+        masks = [self.encrypt(self._rng.uniform(-MASK_BOUND, MASK_BOUND, self.params.slots)) for _ in stale]
+        blobs = [self.dump(self.add(encs[i], m)) for i, m in zip(stale, masks)]
         self.link.bytes_down += sum(map(len, blobs))
         back = self._round_trip(blobs)
         self.link.bytes_up += sum(map(len, back))
         self.link.refresh_rounds += 1
-        self.link.refreshed_ciphertexts += sum(int(np.prod(encs[i].t.shape)) for i in stale)
+        self.link.refreshed_ciphertexts += len(stale)
         out = list(encs)
         for i, m, blob in zip(stale, masks, back):
-            out[i] = Enc(ts.ckks_tensor_from(self._ctx, blob) - m, self.params.levels)
+            out[i] = self.sub(self.load(blob), m)
         return out
 
-    # every op takes and returns Enc; weights are plaintext numpy
-
-    def linear(self, e: Enc, w: np.ndarray, b: np.ndarray | None = None) -> Enc:
-        t = e.t.mm(w.tolist())
-        if b is not None:
-            t = t + _ts().plain_tensor(np.broadcast_to(b, t.shape).tolist())
-        return Enc(t, e.level - 1)
-
-    def encrypt(self, m: np.ndarray) -> Enc:
-        """A public constant, encrypted under the public key, for an elementwise product.
-        (TenSEAL's product of a ciphertext below the top level with a plaintext tensor breaks
-        the next matrix product: "parameter mismatch".)"""
-        return Enc(_ts().ckks_tensor(self._ctx, np.broadcast_to(m, (self.batch, *m.shape)).copy(), batch=True), self.params.levels)
-
-    def multiply(self, a: Enc, b: Enc) -> Enc:
-        """Elementwise product of two ciphertexts."""
-        return Enc(a.t * b.t, min(a.level, b.level) - 1)
-
-    def add_plain(self, e: Enc, b: np.ndarray) -> Enc:
-        return Enc(e.t + _ts().plain_tensor(np.broadcast_to(b, e.t.shape).tolist()), e.level)
-
-    def product(self, a: Enc, b: Enc) -> Enc:
-        """Ciphertext matrix product a · b."""
-        return Enc(a.t.dot(b.t), min(a.level, b.level) - 1)
-
-    def transpose(self, e: Enc) -> Enc:
-        return Enc(e.t.transpose(), e.level)
-
-    def poly(self, e: Enc, coeffs: np.ndarray) -> Enc:
-        return Enc(e.t.polyval([float(c) for c in coeffs]), e.level - poly_depth(len(coeffs) - 1))
+    # arithmetic: every op takes and returns Enc
 
     def add(self, a: Enc, b: Enc) -> Enc:
-        return Enc(a.t + b.t, min(a.level, b.level))
+        a, b = self._match(a, b)
+        ct = _sa().Ciphertext()
+        self._eval.add(a.ct, b.ct, ct)
+        return Enc(ct, a.level)
 
-    def lower(self, e: Enc, level: int) -> Enc:
-        """The same values at ``level`` levels left: each ×1.0 rescales onto one prime fewer.
-        A wide product costs ~3.4× less time and ~5.5× less memory there (measured: a 1×32 by
-        32×256 product at N=16384, 25.6 s and 371 MB at the top, 7.6 s and 67 MB at level 1)."""
-        t = e.t
-        for _ in range(e.level - level):
-            t = t * 1.0
-        return Enc(t, min(e.level, level))
+    def sub(self, a: Enc, b: Enc) -> Enc:
+        a, b = self._match(a, b)
+        ct = _sa().Ciphertext()
+        self._eval.sub(a.ct, b.ct, ct)
+        return Enc(ct, a.level)
 
-    def rows(self, e: Enc, start: int, stop: int) -> Enc:
-        """Rows start..stop of a matrix: a selection of its ciphertexts, no arithmetic."""
-        return Enc(e.t._wrap(e.t.data.subscript([(start, stop), (0, e.t.shape[1])])), e.level)
+    def add_plain(self, e: Enc, values: np.ndarray | float) -> Enc:
+        ct = _sa().Ciphertext()
+        self._eval.add_plain(e.ct, self._plain(values, e.level), ct)
+        return Enc(ct, e.level)
 
-    def reshape(self, e: Enc, shape: list[int]) -> Enc:
-        return Enc(e.t.reshape(shape), e.level)
+    def _rescaled(self, ct, level: int) -> Enc:
+        self._eval.rescale_to_next_inplace(ct)
+        # A ct × ct product's scale is 2^80/q after the rescale, within 7e-6 of 2^40 for these
+        # primes; naming it 2^40 is CKKS's usual approximation (products with plaintexts are
+        # exact: see _plain).
+        ct.scale = self._scale
+        return Enc(ct, level - 1)
+
+    def multiply_plain(self, e: Enc, values: np.ndarray | float) -> Enc:
+        if e.level < 1:
+            raise ValueError("no level left: ensure() first")
+        ct = _sa().Ciphertext()
+        self._eval.multiply_plain(e.ct, self._plain(values, e.level, exact=True), ct)
+        return self._rescaled(ct, e.level)
+
+    def multiply(self, a: Enc, b: Enc) -> Enc:
+        a, b = self._match(a, b)
+        if a.level < 1:
+            raise ValueError("no level left: ensure() first")
+        ct = _sa().Ciphertext()
+        if a.ct is b.ct:
+            self._eval.square(a.ct, ct)
+        else:
+            self._eval.multiply(a.ct, b.ct, ct)
+        self._eval.relinearize_inplace(ct, self._relin)
+        return self._rescaled(ct, a.level)
+
+    def rotate(self, e: Enc, step: int) -> Enc:
+        """Slot s of the result holds slot s + step of ``e`` (cyclically)."""
+        step %= self.params.slots
+        if step == 0:
+            return e
+        if step > self.params.slots // 2:
+            step -= self.params.slots
+        ct = _sa().Ciphertext()
+        self._eval.rotate_vector(e.ct, step, self._galois, ct)
+        self.rotations += 1
+        return Enc(ct, e.level)
+
+    def rotate_sum(self, e: Enc, step: int, count: int) -> Enc:
+        """Σ_{m < count} rotate(e, m·step), ``count`` a power of two: log2(count) rotations."""
+        if count & (count - 1):
+            raise ValueError(f"rotate_sum needs a power of two, not {count}")
+        while count > 1:
+            e = self.add(e, self.rotate(e, step))
+            step, count = step * 2, count // 2
+        return e
+
+    def poly(self, e: Enc, coeffs: np.ndarray) -> Enc:
+        """Σ c_k x^k: the powers by squaring (x^k = x^(2^j) · x^(k - 2^j)), then each times its
+        coefficient: ceil(log2 degree) + 1 levels."""
+        degree = len(coeffs) - 1
+        powers = {1: e}
+        for k in range(2, degree + 1):
+            high = 1 << (k.bit_length() - 1)
+            powers[k] = self.multiply(powers[k // 2], powers[k // 2]) if high == k else self.multiply(powers[high], powers[k - high])
+        out = self.zeros(e.level - poly_depth(degree))
+        for k in range(1, degree + 1):
+            if coeffs[k]:  # SEAL refuses a product with a zero plaintext
+                out = self.add(out, self.multiply_plain(powers[k], float(coeffs[k])))
+        return self.add_plain(out, float(coeffs[0]))
+
+    def linear(self, e: Enc, maps: list["SlotMap"]) -> list[Enc]:
+        """y = M·x for each map, by baby and giant steps: the baby rotations rot(x, j), j below
+        the maps' baby step, are made once and shared by every map; each giant step g adds
+        rot(Σ_j diag_{g+j}(shifted by g) ⊙ rot(x, j), g)."""
+        if e.level < 1:
+            raise ValueError("no level left: ensure() first")
+        babies: dict[int, Enc] = {}
+        out = []
+        for m in maps:
+            acc = None
+            for giant, terms in m.giants().items():
+                inner = None
+                for j, diag in terms:
+                    if j not in babies:
+                        babies[j] = self.rotate(e, j)
+                    ct = _sa().Ciphertext()
+                    self._eval.multiply_plain(babies[j].ct, self._plain(np.roll(diag, giant), e.level, exact=True), ct)
+                    if inner is None:
+                        inner = ct
+                    else:
+                        self._eval.add_inplace(inner, ct)
+                part = self.rotate(self._rescaled(inner, e.level), giant)
+                acc = part if acc is None else self.add(acc, part)
+            out.append(acc if acc is not None else self.zeros(e.level - 1))
+        return out
+
+
+class SlotMap:
+    """A linear map on a ciphertext's slot vector, y[s] = Σ_d diag_d[s]·x[s + d], kept as its
+    nonzero diagonals (offset d → a vector of slots); never as a dense slots × slots matrix."""
+
+    def __init__(self, slots: int, diagonals: dict[int, np.ndarray], baby: int):
+        self.slots, self.baby = slots, baby
+        self.diagonals = {}
+        for d, v in diagonals.items():
+            d = (d + slots // 2) % slots - slots // 2  # signed, in [-slots/2, slots/2)
+            if np.any(v):
+                self.diagonals[d] = self.diagonals.get(d, 0) + np.asarray(v, np.float64)
+
+    def giants(self) -> dict[int, list[tuple[int, np.ndarray]]]:
+        out = defaultdict(list)
+        for d in sorted(self.diagonals):
+            g = (d // self.baby) * self.baby
+            out[g].append((d - g, self.diagonals[d]))
+        return dict(out)
+
+    def steps(self) -> set[int]:
+        """The rotations it needs keys for."""
+        return {s for g, terms in self.giants().items() for s in [g] + [j for j, _ in terms]} - {0}
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """The same map on plaintext slots (what the tests check it against)."""
+        return sum(v * np.roll(x, -d) for d, v in self.diagonals.items()) if self.diagonals else np.zeros_like(x)

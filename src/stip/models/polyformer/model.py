@@ -58,7 +58,7 @@ class PolyConfig:
 PRESETS = {
     "digits": PolyConfig(),
     "tiny": PolyConfig(dim=8, layers=1, heads=2, mlp_ratio=1),
-    "lm": PolyConfig(task="lm", vocab=4096, context=32, dim=32, layers=2, heads=2, mlp_ratio=2),
+    "lm": PolyConfig(task="lm", vocab=4096, context=32, dim=64, layers=2, heads=2, mlp_ratio=2),
     "lm-tiny": PolyConfig(task="lm", vocab=64, context=6, dim=8, layers=1, heads=2, mlp_ratio=1),
 }
 
