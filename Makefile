@@ -83,7 +83,7 @@ bench-report: $(STAMP)
 	$(VENV)/bin/stip train polyformer $(RESULTS)/polyvit-digits
 	$(VENV)/bin/stip bench --model $(RESULTS)/polyvit-digits --batch 64 --network wan --out $(RESULTS)/bench/polyvit-digits --readme README.md
 	$(VENV)/bin/stip train polyformer $(RESULTS)/polylm --task lm --fit minimax
-	$(VENV)/bin/stip bench --model $(RESULTS)/polylm --tokens 4 --batch 64 --network wan --out $(RESULTS)/bench/polylm --readme README.md
+	$(VENV)/bin/stip bench --model $(RESULTS)/polylm --tokens 32 --batch 32 --network wan --out $(RESULTS)/bench/polylm --readme README.md
 
 # Every figure of docs/threat-model.md, MiniLM and SmolLM2 (about 90 minutes; --only PREFIXES for part).
 bench-attacks: $(STAMP)

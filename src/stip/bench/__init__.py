@@ -75,6 +75,7 @@ class Row:
     ratio: float = 0.0  # latency_s / plain_latency_s
     network_latency_s: float | None = None  # latency + estimated transfer and round trips
     network_measured_s: float | None = None  # through `stip.relay` processes emulating the network
+    peak_memory_bytes: int | None = None  # resident, where the mode measures it (HE)
     notes: list[str] = field(default_factory=list)
 
 
@@ -253,15 +254,16 @@ def _he(subject, reference, progress) -> Row:
     from ..he.runner import run as he_run
 
     plan, inputs = subject.he()
-    progress(f"HE (CKKS) on {len(inputs)} input(s) in one batch …")
+    progress(f"HE (CKKS) on {len(inputs)} input(s), packed in the slots …")
     report, logits = he_run(plan, inputs)
     err, top1 = compare(logits, reference)
     p = report.params
-    notes = [f"HE: CKKS N={p['poly_modulus_degree']}, log q={p['log_q']}, 128-bit; {report.refresh_rounds} client-aided "
-             f"refresh rounds; public keys ({report.key_bytes:,} B, once) not counted in bytes up"]
+    notes = [f"HE: CKKS N={p['poly_modulus_degree']}, log q={p['log_q']}, 128-bit; {report.notes[0]}; {report.refresh_rounds} "
+             f"client-aided refresh rounds, {report.rotations:,} rotations; public keys ({report.key_bytes:,} B with "
+             f"{report.rotation_keys} rotation keys, once) not counted in bytes up; peak memory is the process's, both parties"]
     decrypted = subject.perplexity(logits)  # only polynomial subjects reach here: HF ones skip HE
     if decrypted is not None:
         notes.append(f"HE: next-token perplexity on the {len(inputs)} prompts {decrypted:,.2f} from the decrypted logits, "
                      f"{subject.perplexity(reference):,.2f} from plaintext")
     return Row("he", subject.layers, 1, report.seconds, report.bytes_up, report.bytes_down, 1 + report.refresh_rounds, err, top1,
-               notes=notes)
+               peak_memory_bytes=report.peak_memory_bytes, notes=notes)

@@ -61,13 +61,15 @@ def _bytes(n: int | None) -> str:
 def table(results: dict) -> str:
     """The measured table, as Markdown."""
     net = results["settings"]["network"]
-    head = ["mode", "layers", "latency (median)", "× plaintext", "bytes up", "bytes down", "rounds", "max abs error", "top-1 agreement"]
+    head = ["mode", "layers", "latency (median)", "× plaintext", "bytes up", "bytes down", "rounds", "peak memory", "max abs error",
+            "top-1 agreement"]
     if net != "none":
         head[3:3] = [f"latency + {net} estimate", f"{net}, measured"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results["rows"]:
         cells = [LABELS[r["mode"]], str(r["layers"]), f"{_ms(r['latency_s'])} (n={r['runs']})", f"{r['ratio']:,.2f}×",
                  _bytes(r["bytes_up"]), _bytes(r["bytes_down"]), "—" if r["rounds"] is None else f"{r['rounds']:,}",
+                 "—" if r.get("peak_memory_bytes") is None else f"{r['peak_memory_bytes'] / 2**30:.2f} GiB",
                  f"{r['max_abs_error']:.1e}", f"{100 * r['top1_agreement']:.1f} %"]
         if net != "none":
             cells[3:3] = ["—" if r["network_latency_s"] is None else _ms(r["network_latency_s"]),

@@ -91,7 +91,7 @@ def train_mpcvit(
 def train_polyformer(
     out_dir: Path = typer.Argument(..., metavar="OUT", help="Run folder: checkpoints, model.safetensors, summary.json. Re-run to resume."),
     task: str = typer.Option("image", "--task", help="image: the ViT on an image dataset | lm: a causal language model on text."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="image: digits (default) | tiny. lm: lm (default) | lm-tiny."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="image: digits (default) | tiny. lm: lm (default, context 32) | lm-128 | lm-tiny."),
     dataset: str = typer.Option("digits", "--dataset", help="image: digits (bundled) | cifar10 | cifar100 | tiny-imagenet (local files)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="image: the dataset's folder. lm: a text folder (WikiText's wiki.{train,valid,test}.tokens, or *.txt); default: CPython's own docs."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=0, help="Default: 40 (image), 8 (lm)."),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import threading
 import time
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -71,8 +72,13 @@ class _PeakMemory:
 
     @staticmethod
     def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:  # no procfs: the lifetime peak is the best there is
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def depth_needed(plan: dict) -> int:

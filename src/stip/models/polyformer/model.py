@@ -56,9 +56,10 @@ class PolyConfig:
 
 
 PRESETS = {
-    "digits": PolyConfig(),
+    "digits": PolyConfig(patch=2),  # 16 tokens of 2×2 pixels
     "tiny": PolyConfig(dim=8, layers=1, heads=2, mlp_ratio=1),
     "lm": PolyConfig(task="lm", vocab=4096, context=32, dim=64, layers=2, heads=2, mlp_ratio=2),
+    "lm-128": PolyConfig(task="lm", vocab=4096, context=128, dim=64, layers=2, heads=2, mlp_ratio=2),
     "lm-tiny": PolyConfig(task="lm", vocab=64, context=6, dim=8, layers=1, heads=2, mlp_ratio=1),
 }
 
