@@ -80,7 +80,7 @@ bench-mpcvit: $(STAMP)
 RESULTS := benchmarks/results
 bench-report: $(STAMP)
 	$(VENV)/bin/stip bench --out $(RESULTS)/bench/minilm --network wan --readme README.md
-	$(VENV)/bin/stip train polyformer $(RESULTS)/polyvit-digits
+	$(VENV)/bin/stip train polyformer $(RESULTS)/polyvit-digits --degree 6
 	$(VENV)/bin/stip bench --model $(RESULTS)/polyvit-digits --batch 64 --network wan --out $(RESULTS)/bench/polyvit-digits --readme README.md
 	$(VENV)/bin/stip train polyformer $(RESULTS)/polylm --task lm --fit minimax
 	$(VENV)/bin/stip bench --model $(RESULTS)/polylm --tokens 32 --batch 32 --network wan --out $(RESULTS)/bench/polylm --readme README.md

@@ -1,9 +1,9 @@
 """Encrypted (CKKS) inference of the digits polynomial ViT, beside STIP and plaintext, in one run.
 
-Trains the `digits` polynomial ViT (40 epochs, ~15 s), swaps in degree-4 polynomials, then
-encrypts the whole digits test split (359 images) into one batch's slots and runs it:
-N=16384, 7 levels, 128-bit. Prints batch time, amortised time per image, bytes, refresh
-rounds and errors; then STIP on the same model and batch (P1 seals it with a fresh key, P3
+Trains the `digits` polynomial ViT (16 tokens of 2×2 pixels, 40 epochs), swaps in degree-4
+polynomials, then encrypts the whole digits test split (359 images, 32 a ciphertext) and runs
+it: N=16384, 7 levels, 128-bit. Prints the time, amortised time per image, bytes, rounds,
+peak memory and errors; then STIP on the same model and batch (P1 seals it with a fresh key, P3
 embeds and permutes, P2 runs the sealed blocks, P3 un-permutes; in one process, with the bytes
 of the wire messages it would send) and the plaintext polynomial model.
 
@@ -78,11 +78,11 @@ def main() -> int:
         return 0
     r = report
     print(f"CKKS N={r.params['poly_modulus_degree']}, log q={r.params['log_q']}, {r.params['levels']} levels, 128-bit; "
-          f"{r.inputs} images in one batch")
-    print(f"  encrypted: {r.seconds:.1f} s per batch, {r.seconds_per_input:.3f} s per image (amortised over the batch); "
+          f"{r.inputs} images in {r.ciphertexts} ciphertexts, {r.rotations:,} rotations")
+    print(f"  encrypted: {r.seconds:.1f} s in all, {r.seconds_per_input:.3f} s per image (amortised); "
           f"server {r.server_seconds:.1f} s, client {r.client_seconds:.1f} s")
     print(f"  bytes up {r.bytes_up / 1e6:.1f} MB, down {r.bytes_down / 1e6:.1f} MB, keys {r.key_bytes / 1e6:.1f} MB; "
-          f"{r.refresh_rounds} refresh rounds ({r.refreshed_ciphertexts} ciphertexts)")
+          f"{r.refresh_rounds} refresh rounds ({r.refreshed_ciphertexts} ciphertexts); peak memory {r.peak_memory_bytes / 2**30:.2f} GiB")
     print(f"  max abs error vs plaintext polynomial model {r.max_abs_error:.2e}, argmax agreement {100 * r.argmax_agreement:.1f} %")
     print(f"  STIP (sealed PolyViT, same batch): {stip['seconds'] * 1e3:.2f} ms (server {stip['server_seconds'] * 1e3:.2f} ms), "
           f"bytes up {stip['bytes_up'] / 1e3:.1f} kB, down {stip['bytes_down'] / 1e3:.1f} kB, 1 round trip; "

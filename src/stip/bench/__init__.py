@@ -137,7 +137,7 @@ def run(s: Settings, progress: Callable[[str], None] = lambda _: None) -> dict:
         except Skip as e:
             skipped.append({"mode": "he", "reason": str(e)})
         except ImportError as e:
-            skipped.append({"mode": "he", "reason": f"TenSEAL is not installed here ({e})"})
+            skipped.append({"mode": "he", "reason": f"TenSEAL (whose SEAL binding HE runs on) is not installed here ({e})"})
 
     for row in rows:
         row.plain_latency_s = base[row.layers]

@@ -1,1 +1,1 @@
-"""The HE baseline: CKKS (TenSEAL) inference of the polynomial ViT. See ckks.py and runner.py."""
+"""The HE baseline: CKKS on SEAL (through tenseal.sealapi), packed with rotations, for the polynomial ViT and LM. See ckks.py, packing.py and runner.py."""

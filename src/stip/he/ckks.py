@@ -57,8 +57,10 @@ PARAMS = (Params(8192, (60, 40, 40, 60)), Params(16384, (60,) + (40,) * 7 + (60,
 
 
 def poly_depth(degree: int) -> int:
-    """Levels a polynomial of this degree consumes: powers by squaring, then the coefficients."""
-    return 1 if degree <= 1 else math.ceil(math.log2(degree)) + 1
+    """Levels ``Server.poly`` consumes: ⌈log₂(degree + 1)⌉, as c·x^k = x^h · (c·x^(k−h)) with h
+    the largest power of two below k puts the coefficient on the shallowest factor (degree 4
+    and 6 both take 3)."""
+    return max(1, math.ceil(math.log2(degree + 1)))
 
 
 def params_for(depth: int) -> Params:
@@ -340,17 +342,25 @@ class Server:
         return e
 
     def poly(self, e: Enc, coeffs: np.ndarray) -> Enc:
-        """Σ c_k x^k: the powers by squaring (x^k = x^(2^j) · x^(k - 2^j)), then each times its
-        coefficient: ceil(log2 degree) + 1 levels."""
+        """Σ c_k x^k in ``poly_depth`` levels: the powers x^(2^j) by squaring, and each term as
+        x^h · (c·x^(k−h)), h the largest power of two below k, down to c·x."""
         degree = len(coeffs) - 1
         powers = {1: e}
-        for k in range(2, degree + 1):
-            high = 1 << (k.bit_length() - 1)
-            powers[k] = self.multiply(powers[k // 2], powers[k // 2]) if high == k else self.multiply(powers[high], powers[k - high])
+        h = 2
+        while h < degree:
+            powers[h] = self.multiply(powers[h // 2], powers[h // 2])
+            h *= 2
+
+        def term(k: int, c: float) -> Enc:
+            if k == 1:
+                return self.multiply_plain(e, c)
+            h = 1 << ((k - 1).bit_length() - 1)
+            return self.multiply(powers[h], term(k - h, c))
+
         out = self.zeros(e.level - poly_depth(degree))
         for k in range(1, degree + 1):
             if coeffs[k]:  # SEAL refuses a product with a zero plaintext
-                out = self.add(out, self.multiply_plain(powers[k], float(coeffs[k])))
+                out = self.add(out, term(k, float(coeffs[k])))
         return self.add_plain(out, float(coeffs[0]))
 
     def linear(self, e: Enc, maps: list["SlotMap"]) -> list[Enc]:
