@@ -1,13 +1,13 @@
 """Encrypted (CKKS) inference of the digits polynomial ViT, beside STIP and plaintext, in one run.
 
-Trains the `digits` polynomial ViT (16 tokens of 2×2 pixels, 40 epochs), swaps in degree-4
+Trains the `digits` polynomial ViT (16 tokens of 2×2 pixels, 40 epochs), swaps in degree-6
 polynomials, then encrypts the whole digits test split (359 images, 32 a ciphertext) and runs
 it: N=16384, 7 levels, 128-bit. Prints the time, amortised time per image, bytes, rounds,
 peak memory and errors; then STIP on the same model and batch (P1 seals it with a fresh key, P3
 embeds and permutes, P2 runs the sealed blocks, P3 un-permutes; in one process, with the bytes
 of the wire messages it would send) and the plaintext polynomial model.
 
-    python benchmarks/he_latency.py [--images 359] [--degree 4] [--json]
+    python benchmarks/he_latency.py [--images 359] [--degree 6] [--json]
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def stip_run(model, images, plain) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=None, help="default: the whole test split")
-    ap.add_argument("--degree", type=int, default=4)
+    ap.add_argument("--degree", type=int, default=6)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

@@ -174,7 +174,7 @@ def test_lm_cli_trains_reports_perplexity_and_runs_under_ckks_and_the_bench(tmp_
     for key in ("twin_perplexity", "gelu_perplexity", "polynomial_perplexity"):
         assert 1 < s[key]["valid"] < 300 and 1 < s[key]["test"] < 300, (key, s[key])  # better than uniform over 300 tokens
     assert {p.name for p in (tmp_path / "lm").iterdir()} >= {"model.safetensors", "twin.safetensors", "tokenizer.json", "summary.json"}
-    run = subprocess.run(stip + ["he", "run", "--model", str(tmp_path / "lm"), "--prompts", "6", "--tokens", "4", "--json"],
+    run = subprocess.run(stip + ["he", "run", "--model", str(tmp_path / "lm"), "--prompts", "6", "--tokens", "5", "--json"],  # padded to 8
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stderr
     r = json.loads(run.stdout)

@@ -27,7 +27,9 @@ import numpy as np
 # Largest log2(q) for 128-bit classical security with ternary secrets (HomomorphicEncryption.org
 # standard, table 1), by ring dimension. SEAL checks the same bound (sec_level_type.tc128).
 MAX_LOG_Q_128 = {4096: 109, 8192: 218, 16384: 438, 32768: 881}
-MASK_BOUND = 2.0**10  # refresh masks are uniform in ±MASK_BOUND (values stay ≪ 2^(60-40))
+# Refresh masks are uniform in ±MASK_BOUND: as wide as the last prime leaves room for (a
+# ciphertext decrypted at level 0 holds |x| < 2^(60-40-1)), with 8× to spare for x itself.
+MASK_BOUND = 2.0**16
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,9 @@ class Params:
     scale_bits: int = 40
 
     def __post_init__(self):
-        if sum(self.primes) > MAX_LOG_Q_128.get(self.n, 0):
+        if self.n not in MAX_LOG_Q_128:
+            raise ValueError(f"N={self.n} is not one of the ring dimensions {sorted(MAX_LOG_Q_128)}")
+        if sum(self.primes) > MAX_LOG_Q_128[self.n]:
             raise ValueError(f"log q = {sum(self.primes)} is above the 128-bit bound for N={self.n}")
 
     @property
@@ -88,13 +92,19 @@ def _context(params: Params):
     return ctx
 
 
-# SEAL's Python binding saves and loads through file paths only: a private scratch folder,
-# in memory where the system has one. Only ciphertexts and public keys pass through it.
-_SCRATCH = "/dev/shm" if os.path.isdir("/dev/shm") else None
+# SEAL's Python binding saves and loads through file paths only: private (0600) temporary
+# files, in memory where the system has room (a container's /dev/shm may hold 64 MiB; the keys
+# are ~260 MB). Only ciphertexts and public keys pass through them.
+def _scratch() -> str | None:
+    try:
+        st = os.statvfs("/dev/shm")
+        return "/dev/shm" if st.f_bavail * st.f_frsize > 2**30 else None
+    except OSError:
+        return None
 
 
 def _dump(obj) -> bytes:
-    fd, path = tempfile.mkstemp(prefix="stip-he-", dir=_SCRATCH)
+    fd, path = tempfile.mkstemp(prefix="stip-he-", dir=_scratch())
     os.close(fd)
     try:
         obj.save(path)
@@ -104,10 +114,10 @@ def _dump(obj) -> bytes:
 
 
 def _undump(obj, ctx, data: bytes):
-    fd, path = tempfile.mkstemp(prefix="stip-he-", dir=_SCRATCH)
+    fd, path = tempfile.mkstemp(prefix="stip-he-", dir=_scratch())
     try:
-        os.write(fd, data)
-        os.close(fd)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         obj.load(ctx, path)
         return obj
     finally:
@@ -125,6 +135,12 @@ def _unpack(data: bytes) -> list[bytes]:
         out.append(data[i + 8 : i + 8 + n])
         i += 8 + n
     return out
+
+
+def _uniform_mask(n: int) -> np.ndarray:
+    """Uniform in ±MASK_BOUND, from the OS's CSPRNG (53 random bits a slot)."""
+    u = (np.frombuffer(os.urandom(8 * n), np.uint64) >> np.uint64(11)).astype(np.float64) / 2.0**53
+    return (2 * u - 1) * MASK_BOUND
 
 
 @dataclass
@@ -151,8 +167,9 @@ class User:
         keygen = sa.KeyGenerator(self._ctx)
         self._public = sa.PublicKey()
         keygen.create_public_key(self._public)
-        # SEAL's seeded forms, half the bytes: the relinearisation key, and a Galois key by its
-        # element 3^step mod 2N (the binding's steps overload makes the unseeded form only)
+        # SEAL's seeded forms, half the bytes: the relinearisation key, and the Galois keys by
+        # their elements 3^step mod 2N (the binding registers the elements overload first, so a
+        # list of steps would be read as elements)
         self._relin = keygen.create_relin_keys()
         self._galois = keygen.create_galois_keys(sorted({pow(3, s % params.slots, 2 * params.n) for s in steps}))
         self._encoder = sa.CKKSEncoder(self._ctx)
@@ -205,7 +222,6 @@ class Server:
         self._encryptor = sa.Encryptor(self._ctx, _undump(sa.PublicKey(), self._ctx, pk))
         self._eval = sa.Evaluator(self._ctx)
         self._scale = 2.0**params.scale_bits
-        self._rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
         self._levels = {}  # chain index → (parms_id, the prime a rescale there drops)
         data = self._ctx.first_context_data()
         while data is not None:
@@ -262,7 +278,7 @@ class Server:
             return encs
         if need > self.params.levels:
             raise ValueError(f"an operation needs {need} levels; N={self.params.n} has {self.params.levels}")
-        masks = [self.encrypt(self._rng.uniform(-MASK_BOUND, MASK_BOUND, self.params.slots)) for _ in stale]
+        masks = [self.encrypt(_uniform_mask(self.params.slots)) for _ in stale]
         blobs = [self.dump(self.add(encs[i], m)) for i, m in zip(stale, masks)]
         self.link.bytes_down += sum(map(len, blobs))
         back = self._round_trip(blobs)

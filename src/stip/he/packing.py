@@ -129,10 +129,9 @@ class Layer:
 
 @dataclass
 class Program:
-    """A plan compiled for a layout and an input length ``n``."""
+    """A plan compiled for a layout and an input length."""
 
     layout: Layout
-    n: int
     causal: bool
     head_dim: int
     layers: list[Layer]
@@ -199,7 +198,7 @@ def compile_plan(plan: dict, layout: Layout, n: int) -> Program:
         value_masks[delta] = L.tile(per_token)
     starts = np.zeros(W)
     starts[0 : cfg.dim : dh] = 1
-    program = Program(layout=L, n=n, causal=cfg.causal, head_dim=dh, layers=layers, shifts=shifts, value_masks=value_masks,
+    program = Program(layout=L, causal=cfg.causal, head_dim=dh, layers=layers, shifts=shifts, value_masks=value_masks,
                       head_starts=L.tile(starts), head=None, head_bias=None)
     if cfg.causal:
         vocab = plan["head"].shape[1]

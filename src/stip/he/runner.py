@@ -3,11 +3,12 @@
     report, logits = run(plan, patches)     # ViT: (batch, tokens, patch_dim), the user's pixels
     report, logits = run(plan, ids)         # LM: (batch, n) prompts → next-token logits
 
-The user (P3) encrypts its image patches, or its prompts' token and position embeddings, and
-sends them with its public context; the server (P2) runs ``polyformer.plan_forward`` op for op
+The user (P3) encrypts its image patches, or its prompts' token and position embeddings,
+packed token-major in the slots (``stip.he.packing``), and sends them with its public,
+relinearisation and Galois keys; the server (P2) runs ``polyformer.plan_forward`` step for step
 on ciphertexts with its plaintext weights, refreshing through the user when depth runs out;
 the user decrypts the logits. Both sides live in this process but exchange only serialized
-bytes, and the server's context has no secret key.
+bytes, and the server never holds the secret key.
 """
 
 from __future__ import annotations
@@ -25,13 +26,13 @@ from . import ckks, packing
 
 @dataclass
 class CostReport:
-    inputs: int  # images or prompts, packed in the slots of one batch
-    seconds: float  # wall time of the whole protocol, encryption to decryption
+    inputs: int  # images or prompts
+    seconds: float  # wall time of the whole protocol, key generation to decryption
     server_seconds: float
     client_seconds: float
     bytes_up: int  # user → server: the input and every refreshed ciphertext
     bytes_down: int  # server → user: masked ciphertexts and the encrypted logits
-    key_bytes: int  # public context, sent once (not in bytes_up)
+    key_bytes: int  # public, relinearisation and Galois keys, sent once (not in bytes_up)
     refresh_rounds: int
     refreshed_ciphertexts: int
     max_abs_error: float  # against the plaintext polynomial model
@@ -82,11 +83,11 @@ class _PeakMemory:
 
 
 def depth_needed(plan: dict) -> int:
-    """Levels of the deepest chain between two refreshes that the walk keeps whole: a layer's
-    q, its product with a shifted k, a head's dot (a masked rotate-and-sum), σ and the product
-    with v. A shallower chain still runs, with more refreshes."""
-    degrees = [len(layer["attn_poly"]) - 1 for layer in plan["layers"]]
-    return 4 + max(ckks.poly_depth(d) for d in degrees)
+    """Levels of the deepest chain the walk keeps between two refreshes: a layer's q, its
+    product with a shifted k, a head's dot (a masked rotate-and-sum), σ and the product with v;
+    or the MLP's w1, σ and w2."""
+    return max(max(4 + ckks.poly_depth(len(layer["attn_poly"]) - 1), 2 + ckks.poly_depth(len(layer["mlp_poly"]) - 1))
+               for layer in plan["layers"])
 
 
 def encrypted_forward(s: ckks.Server, prog: packing.Program, x: ckks.Enc, inputs: int) -> list[ckks.Enc]:
@@ -114,8 +115,8 @@ def encrypted_forward(s: ckks.Server, prog: packing.Program, x: ckks.Enc, inputs
             scores = s.rotate_sum(s.multiply_plain(dots, prog.head_starts), -1, dh)  # ... and on all its features
             (scores,) = s.ensure([scores], depth + 1)
             weights = s.poly(scores, layer.attn_poly)
-            (v_m,) = s.ensure([v_d], 2)
-            v_m = s.multiply_plain(v_m, prog.value_masks[delta])  # the causal mask and 1/S(i + 1), on v's rows
+            (v_d,) = s.ensure([v_d], 2)
+            v_m = s.multiply_plain(v_d, prog.value_masks[delta])  # the causal mask and 1/S(i + 1), on v's rows
             term = s.multiply(weights, v_m)
             attn = term if attn is None else s.add(attn, term)
         (attn,) = s.ensure([attn], 1)
