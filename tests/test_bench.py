@@ -64,7 +64,9 @@ def test_report_and_readme_show_the_json_numbers(benched):
     for row in r["rows"]:
         cells = rows[report.LABELS[row["mode"]]]
         assert cells[5] == f"{row['ratio']:,.2f}×" and cells[2].startswith(report._ms(row["latency_s"]))
-        assert cells[6] == report._bytes(row["bytes_up"]) and cells[10] == f"{100 * row['top1_agreement']:.1f} %"
+        assert cells[6] == report._bytes(row["bytes_up"]) and cells[11] == f"{100 * row['top1_agreement']:.1f} %"
+        peak = row["peak_memory_bytes"]
+        assert cells[9] == ("—" if peak is None else f"{peak / 2**30:.2f} GiB") and (peak is None) == (row["mode"] != "he")
         measured = row["network_measured_s"]
         assert cells[4] == ("—" if measured is None else report._ms(measured)) and (measured is None) == (row["mode"] != "stip")
     assert r["machine"]["cores"] >= 1 and r["machine"]["cpu"] in md
