@@ -75,6 +75,13 @@ def params_for(depth: int) -> Params:
     raise ValueError(f"no parameter set has {depth} levels: lower the polynomial degree")
 
 
+def signed_step(step: int, slots: int) -> int:
+    """A rotation (or diagonal offset) as the one signed step in (-slots/2, slots/2] that
+    ``Server.rotate``, ``SlotMap`` and the Galois keys all name it by."""
+    step %= slots
+    return step - slots if step > slots // 2 else step
+
+
 def _sa():
     import tenseal.sealapi as sa
 
@@ -245,8 +252,8 @@ class Server:
         product with it keeps the ciphertext's scale exactly."""
         pid, prime = self._levels[level]
         pt = _sa().Plaintext()
-        v = values if np.isscalar(values) else np.asarray(values, np.float64).tolist()
-        self._encoder.encode(float(v) if np.isscalar(v) else v, pid, float(prime) if exact else self._scale, pt)
+        v = float(values) if np.isscalar(values) else np.asarray(values, np.float64).tolist()
+        self._encoder.encode(v, pid, float(prime) if exact else self._scale, pt)
         return pt
 
     def encrypt(self, values: np.ndarray, level: int | None = None) -> Enc:
@@ -338,11 +345,9 @@ class Server:
 
     def rotate(self, e: Enc, step: int) -> Enc:
         """Slot s of the result holds slot s + step of ``e`` (cyclically)."""
-        step %= self.params.slots
+        step = signed_step(step, self.params.slots)
         if step == 0:
             return e
-        if step > self.params.slots // 2:
-            step -= self.params.slots
         ct = _sa().Ciphertext()
         self._eval.rotate_vector(e.ct, step, self._galois, ct)
         self.rotations += 1
@@ -373,10 +378,13 @@ class Server:
             h = 1 << ((k - 1).bit_length() - 1)
             return self.multiply(powers[h], term(k - h, c))
 
-        out = self.zeros(e.level - poly_depth(degree))
+        out = None
         for k in range(1, degree + 1):
             if coeffs[k]:  # SEAL refuses a product with a zero plaintext
-                out = self.add(out, term(k, float(coeffs[k])))
+                t = term(k, float(coeffs[k]))
+                out = t if out is None else self.add(out, t)
+        if out is None:  # a constant
+            out = self.zeros(e.level - 1)
         return self.add_plain(out, float(coeffs[0]))
 
     def linear(self, e: Enc, maps: list["SlotMap"]) -> list[Enc]:
@@ -414,7 +422,7 @@ class SlotMap:
         self.slots, self.baby = slots, baby
         self.diagonals = {}
         for d, v in diagonals.items():
-            d = (d + slots // 2) % slots - slots // 2  # signed, in [-slots/2, slots/2)
+            d = signed_step(d, slots)
             if np.any(v):
                 self.diagonals[d] = self.diagonals.get(d, 0) + np.asarray(v, np.float64)
 

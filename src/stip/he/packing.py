@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..models.polyformer import attention_mask, plan_config
-from .ckks import SlotMap
+from .ckks import SlotMap, signed_step
 
 
 def _pow2(n: int) -> int:
@@ -159,7 +159,7 @@ class Program:
         while count > 1:
             steps.add(block)
             block, count = block * 2, count // 2
-        return {s % L.slots - (L.slots if s % L.slots > L.slots // 2 else 0) for s in steps} - {0}
+        return {signed_step(s, L.slots) for s in steps} - {0}
 
 
 def compile_plan(plan: dict, layout: Layout, n: int) -> Program:

@@ -161,7 +161,8 @@ def run(plan: dict, inputs: np.ndarray, params: ckks.Params | None = None) -> tu
     with _PeakMemory() as memory:
         t0 = time.perf_counter()
         program = packing.compile_plan(plan, layout, x.shape[1])  # the server's; its rotations are public
-        user = client(ckks.User, params, program.steps())
+        steps = program.steps()
+        user = client(ckks.User, params, steps)
         public = client(user.public_keys)
         link.key_bytes = len(public)
         blobs = client(lambda: [user.encrypt(v) for v in layout.pack(x)])
@@ -188,7 +189,7 @@ def run(plan: dict, inputs: np.ndarray, params: ckks.Params | None = None) -> tu
         bytes_up=link.bytes_up, bytes_down=link.bytes_down, key_bytes=link.key_bytes, refresh_rounds=link.refresh_rounds,
         refreshed_ciphertexts=link.refreshed_ciphertexts, max_abs_error=float(np.abs(logits - ref).max()),
         argmax_agreement=float((logits.argmax(-1) == ref.argmax(-1)).mean()), ciphertexts=len(blobs),
-        rotations=server.rotations, rotation_keys=len(program.steps()), peak_memory_bytes=memory.peak, params=params.describe(),
+        rotations=server.rotations, rotation_keys=len(steps), peak_memory_bytes=memory.peak, params=params.describe(),
         notes=[f"{layout.per_ciphertext} {'prompts' if causal else 'images'} of {layout.tokens} tokens × {layout.width} slots a "
                f"ciphertext; {len(blobs)} ciphertext(s), each through the walk in turn: seconds are for all {len(x)}",
                f"client-aided refresh: masks uniform in ±{ckks.MASK_BOUND:g}, one round trip per refresh"],
